@@ -1,0 +1,80 @@
+// The partial-convolution maths shared by the CPU and CUDA kernels (design.md section 1).
+// Host-and-device code only: no ATen, no launch syntax, so g++ and nvcc read the same definitions.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+namespace pconv {
+
+// Convolution window of one spatial dimension pair: kernel, stride, padding, dilation.
+struct Window {
+  int64_t kh, kw;
+  int64_t sh, sw;
+  int64_t ph, pw;
+  int64_t dh, dw;
+};
+
+C10_HOST_DEVICE inline int64_t conv_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+  return (in + 2 * p - d * (k - 1) - 1) / s + 1;
+}
+
+// U = clamp(S, 0, 1) and ratio = win / S * U where S > 0, else 0. No epsilon: win / S is finite for every
+// S > 0 in the accumulation type (float for half types), which is what keeps fp16 free of inf.
+template <typename acc_t>
+C10_HOST_DEVICE inline void ratio_and_update(acc_t s, acc_t win, acc_t* ratio, acc_t* update) {
+  if (s > acc_t(0)) {
+    const acc_t u = s < acc_t(1) ? s : acc_t(1);
+    *update = u;
+    *ratio = win / s * u;
+  } else {
+    *update = acc_t(0);
+    *ratio = acc_t(0);
+  }
+}
+
+// Sum of one zero-padded (H, W) plane over the window of output pixel (oh, ow).
+template <typename acc_t, typename plane_t>
+C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t H, int64_t W, const Window& w, int64_t oh,
+                                        int64_t ow) {
+  acc_t s = acc_t(0);
+  const int64_t h0 = oh * w.sh - w.ph;
+  const int64_t w0 = ow * w.sw - w.pw;
+  for (int64_t i = 0; i < w.kh; ++i) {
+    const int64_t h = h0 + i * w.dh;
+    if (h < 0 || h >= H) continue;
+    for (int64_t j = 0; j < w.kw; ++j) {
+      const int64_t x = w0 + j * w.dw;
+      if (x < 0 || x >= W) continue;
+      s += static_cast<acc_t>(plane[h * W + x]);
+    }
+  }
+  return s;
+}
+
+// Taps of a window that fall inside [0, size) along one dimension: the window sum of an all-ones mask is the
+// product of the two dimensions' counts (times C_in for a multi-channel mask), so mask=None needs no mask pass.
+C10_HOST_DEVICE inline int64_t taps_in_bounds(int64_t o, int64_t k, int64_t s, int64_t p, int64_t d, int64_t size) {
+  const int64_t start = o * s - p;
+  int64_t n = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t x = start + i * d;
+    n += (x >= 0 && x < size) ? 1 : 0;
+  }
+  return n;
+}
+
+// The epilogue: Y = raw * ratio + b * U (bias removed in holes, renormalised elsewhere).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t renormalise(acc_t raw, acc_t ratio, acc_t bias, acc_t update) {
+  return raw * ratio + bias * update;
+}
+
+// A mask value is usable when it lies in [0, 1]; the negated form also rejects NaN.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool mask_value_invalid(acc_t v) {
+  return !(v >= acc_t(0) && v <= acc_t(1));
+}
+
+}  // namespace pconv

@@ -1,0 +1,351 @@
+// CPU kernels of the pconv_cuda ops (design.md section 2): the mask pass, the fused epilogue and the fused
+// grad_output pass are ours; the convolution itself is ATen's (oneDNN) on X*M.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "../common/pconv_args.h"
+#include "../common/pconv_math.h"
+
+namespace pconv {
+namespace {
+
+using at::Tensor;
+
+// Work items below which a loop stays on one thread.
+constexpr int64_t kGrainElements = 32768;
+
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+}
+
+bool is_channels_last(const Tensor& t) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Mask pass: one read of M. plane[n, h, w] = sum over channels of M[n, :, h, w] (in acc_t), and every value is
+// checked to lie in [0, 1]. Returns false if some value did not.
+template <typename mask_t, typename acc_t>
+bool mask_plane_kernel(const Tensor& mask, acc_t* plane) {
+  const int64_t N = mask.size(0), C = mask.size(1), HW = mask.size(2) * mask.size(3);
+  const bool nhwc = is_channels_last(mask);
+  const Tensor m = mask.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const mask_t* src = m.const_data_ptr<mask_t>();
+  std::atomic<bool> invalid{false};
+  at::parallel_for(0, N * HW, grain_for(C), [&](int64_t begin, int64_t end) {
+    bool bad = false;
+    if (nhwc) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t s = acc_t(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = static_cast<acc_t>(src[i * C + c]);
+          bad |= mask_value_invalid(v);
+          s += v;
+        }
+        plane[i] = s;
+      }
+    } else {
+      // Channel-outer so that each channel plane is read contiguously.
+      for (int64_t i = begin; i < end;) {
+        const int64_t n = i / HW, p0 = i % HW, p1 = std::min(HW, p0 + (end - i));
+        acc_t* dst = plane + n * HW;
+        for (int64_t p = p0; p < p1; ++p) dst[p] = acc_t(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const mask_t* row = src + (n * C + c) * HW;
+          for (int64_t p = p0; p < p1; ++p) {
+            const acc_t v = static_cast<acc_t>(row[p]);
+            bad |= mask_value_invalid(v);
+            dst[p] += v;
+          }
+        }
+        i += p1 - p0;
+      }
+    }
+    if (bad) invalid.store(true, std::memory_order_relaxed);
+  });
+  return !invalid.load();
+}
+
+[[noreturn]] void fail_invalid_mask(const char* op, const Tensor& mask) {
+  const Tensor m = mask.to(at::kDouble);
+  const Tensor bad = m.masked_select((m < 0).logical_or(m > 1).logical_or(m.isnan()));
+  TORCH_CHECK(false, op, ": mask values must lie in [0, 1] (1 = valid pixel, 0 = hole), but the mask contains ",
+              bad.numel(), " value(s) outside that range or NaN, e.g. ", bad[0].item<double>());
+}
+
+// S per output pixel from the channel-summed plane, then ratio and U.
+template <typename acc_t, typename update_t>
+void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t* update) {
+  const acc_t win = static_cast<acc_t>(g.window_size());
+  const int64_t HW = g.H * g.W;
+  at::parallel_for(0, g.mask_batch * g.Ho, grain_for(g.Wo * g.win.kh * g.win.kw), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.Ho, oh = row % g.Ho;
+      const acc_t* pl = plane + n * HW;
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        acc_t r, u;
+        ratio_and_update(window_sum<acc_t>(pl, g.H, g.W, g.win, oh, ow), win, &r, &u);
+        ratio[row * g.Wo + ow] = r;
+        update[row * g.Wo + ow] = static_cast<update_t>(u);
+      }
+    }
+  });
+}
+
+// mask=None: S is the number of in-bounds taps (times C_in for multi-channel); no mask exists to read.
+template <typename acc_t, typename update_t>
+void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* update) {
+  const acc_t win = static_cast<acc_t>(g.window_size());
+  const acc_t per_tap = static_cast<acc_t>(g.multi_channel ? g.C_in : 1);
+  std::vector<int64_t> taps_w(g.Wo);
+  for (int64_t ow = 0; ow < g.Wo; ++ow) taps_w[ow] = taps_in_bounds(ow, g.win.kw, g.win.sw, g.win.pw, g.win.dw, g.W);
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const int64_t th = taps_in_bounds(oh, g.win.kh, g.win.sh, g.win.ph, g.win.dh, g.H);
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      acc_t r, u;
+      ratio_and_update(static_cast<acc_t>(th * taps_w[ow]) * per_tap, win, &r, &u);
+      ratio[oh * g.Wo + ow] = r;
+      update[oh * g.Wo + ow] = static_cast<update_t>(u);
+    }
+  }
+}
+
+// Fills ratio (acc dtype) and update (its own dtype), both (mask_batch, 1, Ho, Wo).
+void compute_ratio_update(const char* op, const c10::optional<Tensor>& mask, const Geometry& g, Tensor& ratio,
+                          Tensor& update) {
+  AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "pconv_ratio", [&] {
+    using acc_t = scalar_t;
+    acc_t* ratio_p = ratio.mutable_data_ptr<acc_t>();
+    if (!mask.has_value() || !mask->defined()) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio_ones", [&] {
+        ratio_all_ones_kernel<acc_t>(g, ratio_p, update.mutable_data_ptr<scalar_t>());
+      });
+      return;
+    }
+    Tensor plane = at::empty({g.mask_batch, g.H, g.W}, ratio.options());
+    bool valid = true;
+    AT_DISPATCH_V2(mask->scalar_type(), "pconv_mask_plane", AT_WRAP([&] {
+      valid = mask_plane_kernel<scalar_t, acc_t>(*mask, plane.mutable_data_ptr<acc_t>());
+    }), AT_EXPAND(AT_FLOATING_TYPES), at::kHalf, at::kBFloat16, at::kBool, at::kByte);
+    if (!valid) fail_invalid_mask(op, *mask);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio_window", [&] {
+      ratio_kernel<acc_t>(plane.const_data_ptr<acc_t>(), g, ratio_p, update.mutable_data_ptr<scalar_t>());
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Epilogue, in place on the conv output: Y = raw * ratio + b * U. `out` is contiguous in NCHW or NHWC.
+template <typename scalar_t, typename acc_t>
+void epilogue_kernel(Tensor& out, const acc_t* ratio, const scalar_t* update, const scalar_t* bias,
+                     const Geometry& g) {
+  using opmath_t = acc_t;  // float for half types
+  scalar_t* y = out.mutable_data_ptr<scalar_t>();
+  const int64_t HW = g.Ho * g.Wo, C = g.C_out;
+  const int64_t mask_stride = g.mask_batch == 1 ? 0 : HW;
+  if (is_channels_last(out)) {
+    at::parallel_for(0, g.N * HW, grain_for(C), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / HW, p = i % HW;
+        const opmath_t r = static_cast<opmath_t>(ratio[n * mask_stride + p]);
+        const opmath_t u = static_cast<opmath_t>(update[n * mask_stride + p]);
+        scalar_t* yi = y + i * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const opmath_t b = bias ? static_cast<opmath_t>(bias[c]) : opmath_t(0);
+          yi[c] = static_cast<scalar_t>(renormalise(static_cast<opmath_t>(yi[c]), r, b, u));
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, g.N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C, c = plane % C;
+        const acc_t* r = ratio + n * mask_stride;
+        const scalar_t* u = update + n * mask_stride;
+        const opmath_t b = bias ? static_cast<opmath_t>(bias[c]) : opmath_t(0);
+        scalar_t* yp = y + plane * HW;
+        for (int64_t p = 0; p < HW; ++p) {
+          yp[p] = static_cast<scalar_t>(
+              renormalise(static_cast<opmath_t>(yp[p]), static_cast<opmath_t>(r[p]), b, static_cast<opmath_t>(u[p])));
+        }
+      }
+    });
+  }
+}
+
+// grad_output pass: G = dY * ratio and db[c] = sum dY * U, one read of dY. db is deterministic: its partial sums
+// are taken over a fixed partition of the pixels and added in a fixed order, whatever the thread count.
+template <typename scalar_t, typename acc_t>
+void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t* ratio, const scalar_t* update,
+                        const Geometry& g) {
+  using opmath_t = acc_t;  // float for half types
+  const scalar_t* d = dy.const_data_ptr<scalar_t>();
+  scalar_t* o = gy.mutable_data_ptr<scalar_t>();
+  const int64_t HW = g.Ho * g.Wo, C = g.C_out;
+  const int64_t mask_stride = g.mask_batch == 1 ? 0 : HW;
+  if (is_channels_last(dy)) {
+    constexpr int64_t kChunk = 1024;  // pixels per partial sum
+    const int64_t pixels = g.N * HW;
+    const int64_t chunks = (pixels + kChunk - 1) / kChunk;
+    std::vector<opmath_t> partial(db ? chunks * C : 0, opmath_t(0));
+    at::parallel_for(0, chunks, grain_for(kChunk * C), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        opmath_t* acc = db ? partial.data() + k * C : nullptr;
+        for (int64_t i = k * kChunk; i < std::min(pixels, (k + 1) * kChunk); ++i) {
+          const int64_t n = i / HW, p = i % HW;
+          const opmath_t r = static_cast<opmath_t>(ratio[n * mask_stride + p]);
+          const opmath_t u = static_cast<opmath_t>(update[n * mask_stride + p]);
+          for (int64_t c = 0; c < C; ++c) {
+            const opmath_t v = static_cast<opmath_t>(d[i * C + c]);
+            o[i * C + c] = static_cast<scalar_t>(v * r);
+            if (acc) acc[c] += v * u;
+          }
+        }
+      }
+    });
+    if (db) {
+      for (int64_t c = 0; c < C; ++c) {
+        opmath_t s = opmath_t(0);
+        for (int64_t k = 0; k < chunks; ++k) s += partial[k * C + c];
+        db[c] = static_cast<scalar_t>(s);
+      }
+    }
+  } else {
+    // One channel per work item: db[c] is owned by one thread.
+    at::parallel_for(0, C, grain_for(g.N * HW), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        opmath_t total = opmath_t(0);
+        for (int64_t n = 0; n < g.N; ++n) {
+          const acc_t* r = ratio + n * mask_stride;
+          const scalar_t* u = update + n * mask_stride;
+          const scalar_t* dp = d + (n * C + c) * HW;
+          scalar_t* op = o + (n * C + c) * HW;
+          opmath_t s = opmath_t(0);
+          for (int64_t p = 0; p < HW; ++p) {
+            const opmath_t v = static_cast<opmath_t>(dp[p]);
+            op[p] = static_cast<scalar_t>(v * static_cast<opmath_t>(r[p]));
+            s += v * static_cast<opmath_t>(u[p]);
+          }
+          total += s;
+        }
+        if (db) db[c] = static_cast<scalar_t>(total);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Entry points.
+
+void check_map(const char* op, const char* name, const Tensor& t, const Geometry& g, at::ScalarType dtype,
+               const Tensor& input) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.mask_batch && t.size(1) == 1 && t.size(2) == g.Ho &&
+                  t.size(3) == g.Wo,
+              op, ": ", name, " must have shape (", g.mask_batch, ", 1, ", g.Ho, ", ", g.Wo, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+              input.device());
+}
+
+Tensor masked_input(const Tensor& input, const c10::optional<Tensor>& mask, at::MemoryFormat fmt) {
+  if (!mask.has_value() || !mask->defined()) return input;
+  Tensor xm = at::empty_like(input, input.options(), fmt);
+  return at::mul_out(xm, input, *mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& input, const c10::optional<Tensor>& mask,
+                                                      const Tensor& weight, const c10::optional<Tensor>& bias,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, int64_t groups, bool multi_channel) {
+  const char* op = "pconv_cuda::partial_conv2d";
+  const Geometry g =
+      check_conv_args(op, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+  TORCH_INTERNAL_ASSERT(input.device().is_cpu());
+  const at::MemoryFormat fmt = input.suggest_memory_format();
+
+  Tensor ratio = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options().dtype(ratio_dtype(input.scalar_type())));
+  Tensor update = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options());
+  compute_ratio_update(op, mask, g, ratio, update);
+
+  Tensor out = at::convolution(masked_input(input, mask, fmt), weight, c10::nullopt, stride, padding, dilation,
+                               /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
+                   .contiguous(fmt);
+  const Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pconv_epilogue", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    epilogue_kernel<scalar_t, acc_t>(out, ratio.const_data_ptr<acc_t>(), update.const_data_ptr<scalar_t>(),
+                                     b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, g);
+  });
+  return {out, update, ratio};
+}
+
+std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& mask, const Tensor& weight,
+    const Tensor& ratio, const Tensor& update, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool multi_channel, std::array<bool, 3> output_mask) {
+  const char* op = "pconv_cuda::_partial_conv2d_backward";
+  const Geometry g =
+      check_conv_args(op, input, mask, weight, c10::nullopt, stride, padding, dilation, groups, multi_channel);
+  TORCH_INTERNAL_ASSERT(input.device().is_cpu());
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C_out &&
+                  grad_output.size(2) == g.Ho && grad_output.size(3) == g.Wo,
+              op, ": grad_output must have shape (", g.N, ", ", g.C_out, ", ", g.Ho, ", ", g.Wo, "), got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output dtype ",
+              grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
+  check_map(op, "ratio", ratio, g, ratio_dtype(input.scalar_type()), input);
+  check_map(op, "updated_mask", update, g, input.scalar_type(), input);
+  const auto [need_input, need_weight, need_bias] = output_mask;
+  const at::MemoryFormat fmt = input.suggest_memory_format();
+
+  const Tensor dy = grad_output.contiguous(fmt);
+  const Tensor r = ratio.contiguous();
+  const Tensor u = update.contiguous();
+  Tensor gy = at::empty_like(dy, dy.options(), fmt);
+  Tensor db = need_bias ? at::empty({g.C_out}, input.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pconv_grad_output", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    grad_output_kernel<scalar_t, acc_t>(dy, gy, db.defined() ? db.mutable_data_ptr<scalar_t>() : nullptr,
+                                        r.const_data_ptr<acc_t>(), u.const_data_ptr<scalar_t>(), g);
+  });
+
+  Tensor dx, dw;
+  if (need_input || need_weight) {
+    // grad_input of a convolution does not read the input's values, so X*M is only formed for the weight.
+    const Tensor conv_input = need_weight ? masked_input(input, mask, fmt) : input;
+    auto grads = at::convolution_backward(gy, conv_input, weight, c10::nullopt, stride, padding, dilation,
+                                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+                                          {need_input, need_weight, false});
+    if (need_input) {
+      dx = std::get<0>(grads).contiguous(fmt);
+      if (mask.has_value() && mask->defined()) dx.mul_(*mask);
+    }
+    if (need_weight) dw = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+  }
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor> mask_update_cpu(const Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
+  const Geometry g = check_mask_update_args(mask, kernel_size, stride, padding, dilation, multi_channel);
+  TORCH_INTERNAL_ASSERT(mask.device().is_cpu());
+  const at::ScalarType update_dtype = at::isFloatingType(mask.scalar_type()) ? mask.scalar_type() : at::kFloat;
+  Tensor ratio = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(ratio_dtype(update_dtype)));
+  Tensor update = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(update_dtype));
+  compute_ratio_update("pconv_cuda::mask_update", mask, g, ratio, update);
+  return {ratio, update};
+}
+
+}  // namespace
+}  // namespace pconv
+
+TORCH_LIBRARY_IMPL(pconv_cuda, CPU, m) {
+  m.impl("partial_conv2d", &pconv::partial_conv2d_cpu);
+  m.impl("_partial_conv2d_backward", &pconv::partial_conv2d_backward_cpu);
+  m.impl("mask_update", &pconv::mask_update_cpu);
+}

@@ -1,0 +1,30 @@
+"""pconv_cuda: fused partial convolution (Liu et al. 2018) for PyTorch.
+
+``PartialConv2d`` (a drop-in for NVIDIA's layer), ``functional.partial_conv2d``, ``mask_update`` and
+``PartialConv2dFunction`` run the ``torch.ops.pconv_cuda.*`` ops; ``reference`` is the unfused pure-PyTorch oracle.
+"""
+import torch
+
+
+def _load_extension():
+    try:
+        from pconv_cuda import _build_info
+    except ImportError:
+        raise ImportError("pconv_cuda is not built: install it with `pip install --no-build-isolation .` "
+                          "(or build in place with `python setup.py build_ext --inplace`)") from None
+    if _build_info.TORCH_VERSION != torch.__version__:
+        raise ImportError(f"pconv_cuda was compiled against torch {_build_info.TORCH_VERSION} but torch "
+                          f"{torch.__version__} is installed; the C++ ABI differs between releases. Reinstall "
+                          f"pconv_cuda with the installed torch: `pip install --no-build-isolation .`")
+    from pconv_cuda import _C  # noqa: F401  (runs the static op registrations)
+
+
+_load_extension()
+
+from pconv_cuda import ops  # noqa: E402,F401  (fake kernels, autograd, autocast)
+from pconv_cuda import functional, reference  # noqa: E402,F401
+from pconv_cuda.functional import PartialConv2dFunction, mask_update, partial_conv2d  # noqa: E402,F401
+from pconv_cuda.modules import PartialConv2d  # noqa: E402,F401
+
+__version__ = "0.1.0"
+__all__ = ["PartialConv2d", "PartialConv2dFunction", "partial_conv2d", "mask_update", "functional", "reference"]

@@ -1,0 +1,115 @@
+"""Functional partial convolution: argument normalisation around torch.ops.pconv_cuda.*."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {type(value).__name__}")
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def resolve_padding(padding: Union[str, IntOrPair], kernel_size: Tuple[int, int], dilation: Tuple[int, int],
+                    stride: Tuple[int, int]) -> Tuple[int, int]:
+    """Turns nn.Conv2d's 'valid' / 'same' into a symmetric (ph, pw); other values pass through _pair."""
+    if not isinstance(padding, str):
+        return _pair(padding, "padding")
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError("padding='same' is only supported with stride 1, like nn.Conv2d")
+        total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        if any(t % 2 for t in total):
+            raise ValueError(f"padding='same' needs an odd dilated kernel extent for symmetric padding; kernel "
+                             f"{kernel_size} with dilation {dilation} would need asymmetric padding")
+        return (total[0] // 2, total[1] // 2)
+    raise ValueError(f"padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
+
+
+def partial_conv2d(
+    input: Tensor,
+    mask: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: Union[str, IntOrPair] = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    multi_channel: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Partial convolution (Liu et al. 2018). Returns ``(output, updated_mask)``.
+
+    With ``S`` the zero-padded window sum of ``mask`` (also over channels when ``multi_channel``),
+    ``win = kh*kw`` (``C_in*kh*kw`` multi-channel), ``U = clamp(S, 0, 1)`` and ``ratio = win / S * U``
+    (0 where ``S == 0``)::
+
+        output = conv2d(input * mask, weight) * ratio + bias * U
+
+    ``mask`` is (N or 1, 1, H, W), or (N or 1, C_in, H, W) with ``multi_channel=True``, in the input's dtype, bool
+    or uint8, with values in [0, 1] (1 = valid, 0 = hole); ``None`` means no holes. ``updated_mask`` is ``U`` of
+    shape (N_mask, 1, H', W') in the input's dtype. Differentiable in input, weight and bias, not in mask.
+    """
+    stride_ = _pair(stride, "stride")
+    dilation_ = _pair(dilation, "dilation")
+    padding_ = resolve_padding(padding, tuple(weight.shape[2:]), dilation_, stride_)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    output, updated, _ = torch.ops.pconv_cuda.partial_conv2d(
+        input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
+    return output, updated
+
+
+def mask_update(
+    mask: Tensor,
+    kernel_size: IntOrPair,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    multi_channel: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """The mask path alone: returns ``(ratio, updated_mask)``, each (N, 1, H', W').
+
+    ``ratio = win / S * clamp(S, 0, 1)`` (0 where ``S == 0``) in float32 (float64 for a float64 mask),
+    ``updated_mask = clamp(S, 0, 1)`` in the mask's dtype (float32 for bool / uint8 masks).
+    """
+    stride_ = _pair(stride, "stride")
+    dilation_ = _pair(dilation, "dilation")
+    kernel_ = _pair(kernel_size, "kernel_size")
+    padding_ = resolve_padding(padding, kernel_, dilation_, stride_)
+    return torch.ops.pconv_cuda.mask_update(mask, kernel_, stride_, padding_, dilation_, bool(multi_channel))
+
+
+class PartialConv2dFunction(torch.autograd.Function):
+    """``torch.autograd.Function`` over the same ops (and the same backward) as :func:`partial_conv2d`.
+
+    ``PartialConv2dFunction.apply(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)``
+    returns ``(output, updated_mask)``; ``stride``, ``padding`` and ``dilation`` are (h, w) pairs.
+    """
+
+    @staticmethod
+    def forward(ctx, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+        from pconv_cuda import ops
+
+        conv_args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups,
+                     bool(multi_channel))
+        output, updated, ratio = torch.ops.pconv_cuda.partial_conv2d(input, mask, weight, bias, *conv_args)
+        ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated, conv_args)
+        ctx.mark_non_differentiable(updated)
+        return output, updated
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_updated):
+        from pconv_cuda import ops
+
+        grad_input, grad_weight, grad_bias = ops.input_grads(ctx, grad_output)
+        return grad_input, None, grad_weight, grad_bias, None, None, None, None, None

@@ -1,0 +1,63 @@
+"""nn.Module front of the fused op."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from pconv_cuda.functional import partial_conv2d, resolve_padding
+
+
+class PartialConv2d(nn.Conv2d):
+    """Drop-in replacement for NVIDIA's ``PartialConv2d`` on the fused op.
+
+    A subclass of ``nn.Conv2d`` with the same parameters, so a state_dict of an ``nn.Conv2d`` or of NVIDIA's layer
+    loads unchanged. ``forward(input, mask_in=None)`` returns the output, or ``(output, updated_mask)`` with
+    ``return_mask=True``. The updated mask has NVIDIA's shape: (N_mask, 1, H', W') for a single-channel mask,
+    (N, C_out, H', W') with ``multi_channel=True`` (an expanded view: every channel is the same map).
+    ``mask_in=None`` means no holes: only the borders are renormalised (computed in closed form each call; no mask
+    is read and nothing carries over between calls).
+    See :func:`pconv_cuda.functional.partial_conv2d` for the formula.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int, int]],
+        stride: Union[int, Tuple[int, int]] = 1,
+        padding: Union[str, int, Tuple[int, int]] = 0,
+        dilation: Union[int, Tuple[int, int]] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        multi_channel: bool = False,
+        return_mask: bool = False,
+    ) -> None:
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode must be 'zeros' for a partial convolution (padding counts as hole; that is the "
+                f"'partial convolution based padding' of the method), got {padding_mode!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.multi_channel = multi_channel
+        self.return_mask = return_mask
+        # Resolved once: 'same' / 'valid' become the symmetric pair the op takes.
+        self._op_padding = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
+
+    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
+        output, updated = partial_conv2d(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
+                                         self.dilation, self.groups, self.multi_channel)
+        if not self.return_mask:
+            return output
+        if self.multi_channel:
+            batch = input.shape[0] if mask_in is None else updated.shape[0]
+            updated = updated.expand(batch, self.out_channels, -1, -1)
+        return output, updated
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", multi_channel={self.multi_channel}, return_mask={self.return_mask}"

@@ -1,0 +1,125 @@
+"""Python-side registrations of the pconv_cuda ops: fake (meta) kernels, autograd, autocast, and a clear error
+for devices the build has no kernels for. The schemas and the real kernels live in csrc/."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from pconv_cuda import _C  # noqa: F401  (loads the library that defines the schemas)
+
+OPS = ("partial_conv2d", "_partial_conv2d_backward", "mask_update")
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _ratio_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(shape, like: Tensor, dtype: torch.dtype, fmt=torch.contiguous_format) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
+
+
+@torch.library.register_fake("pconv_cuda::partial_conv2d")
+def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    torch._check(input.dim() == 4, lambda: f"input must be 4-D, got {input.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"weight must be 4-D, got {weight.dim()}-D")
+    n, _, h, w = input.shape
+    c_out, _, kh, kw = weight.shape
+    ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    nm = mask.shape[0] if mask is not None else 1
+    output = _empty((n, c_out, ho, wo), input, input.dtype, suggest_memory_format(input))
+    updated = _empty((nm, 1, ho, wo), input, input.dtype)
+    ratio = _empty((nm, 1, ho, wo), input, _ratio_dtype(input.dtype))
+    return output, updated, ratio
+
+
+@torch.library.register_fake("pconv_cuda::_partial_conv2d_backward")
+def _partial_conv2d_backward_fake(grad_output, input, mask, weight, ratio, updated_mask, stride, padding, dilation,
+                                  groups, multi_channel, output_mask):
+    grad_input = _empty(input.shape, input, input.dtype, suggest_memory_format(input)) if output_mask[0] else None
+    grad_weight = _empty(weight.shape, weight, weight.dtype, suggest_memory_format(weight)) if output_mask[1] else None
+    grad_bias = _empty((weight.shape[0],), weight, weight.dtype) if output_mask[2] else None
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("pconv_cuda::mask_update")
+def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channel):
+    n, _, h, w = mask.shape
+    ho = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
+    wo = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    dtype = mask.dtype if mask.dtype.is_floating_point else torch.float32
+    return _empty((n, 1, ho, wo), mask, _ratio_dtype(dtype)), _empty((n, 1, ho, wo), mask, dtype)
+
+
+# --- autograd: one backward shared by the op's registration and the public autograd.Function ----------------------
+
+def save_for_backward(ctx, input, mask, weight, bias, ratio, updated, conv_args) -> None:
+    ctx.save_for_backward(input, mask, weight, ratio, updated)
+    ctx.conv_args = conv_args  # (stride, padding, dilation, groups, multi_channel)
+    ctx.has_bias = bias is not None
+
+
+def input_grads(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(grad_input, grad_weight, grad_bias), each None unless asked for; the mask never gets a gradient."""
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[2], ctx.has_bias and needs[3]]
+    if not any(output_mask):
+        return None, None, None
+    input, mask, weight, ratio, updated = ctx.saved_tensors
+    return torch.ops.pconv_cuda._partial_conv2d_backward(
+        grad_output, input, mask, weight, ratio, updated, *ctx.conv_args, output_mask)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, mask, weight, bias, *conv_args = inputs
+    _, updated, ratio = output
+    save_for_backward(ctx, input, mask, weight, bias, ratio, updated, tuple(conv_args))
+    ctx.mark_non_differentiable(updated, ratio)
+
+
+def _backward(ctx, grad_output, grad_updated, grad_ratio):
+    grad_input, grad_weight, grad_bias = input_grads(ctx, grad_output)
+    return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
+
+
+torch.library.register_autograd("pconv_cuda::partial_conv2d", _backward, setup_context=_setup_context)
+
+# Under autocast the op runs in the autocast dtype, like nn.Conv2d; the ratio stays float32 whatever it is.
+torch.library.register_autocast("pconv_cuda::partial_conv2d", "cpu", torch.bfloat16)
+if torch._C._is_autocast_available("cuda"):
+    torch.library.register_autocast("pconv_cuda::partial_conv2d", "cuda", torch.float16)
+
+
+# --- devices without kernels -----------------------------------------------------------------------------------
+
+def missing_kernel_message(op: str, device: str) -> str:
+    if device == "cuda" and not _C.WITH_CUDA:
+        return (f"pconv_cuda::{op}: this build of pconv_cuda has no CUDA kernels (it was built CPU-only). Rebuild "
+                f"with a CUDA toolkit and a CUDA build of torch: "
+                f"`CUDA_HOME=/usr/local/cuda FORCE_CUDA=1 pip install --no-build-isolation .`")
+    return f"pconv_cuda::{op}: no {device.upper()} kernel in this version of pconv_cuda; move the tensors to the CPU"
+
+
+def _register_missing(device: str) -> List[str]:
+    key = device.upper()
+    lib = torch.library.Library("pconv_cuda", "IMPL")
+    missing = []
+    for op in OPS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pconv_cuda::{op}", key):
+            def kernel(*args, _op=op, **kwargs):
+                raise RuntimeError(missing_kernel_message(_op, device))
+            lib.impl(op, kernel, key)
+            missing.append(op)
+    _LIBS.append(lib)
+    return missing
+
+
+_LIBS: List[torch.library.Library] = []
+MISSING_CUDA_KERNELS: Sequence[str] = tuple(_register_missing("cuda"))

@@ -1,0 +1,92 @@
+"""The unfused partial convolution, in plain PyTorch: the correctness oracle and the benchmark baseline.
+
+It runs the algorithm of NVIDIA's ``PartialConv2d`` (models/partialconv2d.py of NVIDIA/partialconv) step by
+step: a second convolution with a ones kernel of shape (C_out, C_in, kh, kw) to count mask pixels, ``+ 1e-8``,
+divide, clamp, multiply, the real convolution on ``input * mask``, remove and re-add the bias. It is
+deliberately not optimised.
+
+One deliberate difference from NVIDIA's layer: the bias branch there multiplies the renormalised output by the
+updated mask once more (``((raw - b) * ratio + b) * U``), which for soft masks whose window sum S lies in (0, 1)
+scales ``raw`` by U**2 while the no-bias branch scales it by U. Here both branches compute
+``raw * ratio + b * U`` (see ../shared/design.md). For binary masks, and wherever S >= 1 or S == 0, the two agree.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IntOrPair = Union[int, Tuple[int, int]]
+
+EPS = 1e-8  # NVIDIA's epsilon; it is what overflows fp16 (win / 1e-8 > 65504).
+
+
+def partial_conv2d(
+    input: Tensor,
+    mask: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    multi_channel: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Unfused partial convolution. Returns ``(output, updated_mask)``.
+
+    ``S = conv(M, ones)``, ``ratio = win / (S + 1e-8) * clamp(S, 0, 1)``,
+    ``output = (conv(X * M, W) + b - b) * ratio + b * clamp(S, 0, 1)``.
+    ``mask=None`` means an all-ones mask. The updated mask has NVIDIA's shape: (N_mask, 1, H', W') single-channel,
+    (N_mask, C_out, H', W') multi-channel.
+    """
+    c_out, _, kh, kw = weight.shape
+    c_in = input.shape[1]
+    if mask is None:
+        if multi_channel:
+            mask = torch.ones_like(input)
+        else:
+            mask = torch.ones(1, 1, *input.shape[2:], dtype=input.dtype, device=input.device)
+    mask = mask.to(input.dtype)
+    with torch.no_grad():
+        if multi_channel:
+            ones = torch.ones(c_out, c_in, kh, kw, dtype=input.dtype, device=input.device)
+            win = c_in * kh * kw
+        else:
+            ones = torch.ones(1, 1, kh, kw, dtype=input.dtype, device=input.device)
+            win = kh * kw
+        s = F.conv2d(mask, ones, None, stride, padding, dilation, 1)
+        ratio = win / (s + EPS)
+        updated = torch.clamp(s, 0, 1)
+        ratio = ratio * updated
+    raw = F.conv2d(input * mask, weight, bias, stride, padding, dilation, groups)
+    if bias is not None:
+        b = bias.view(1, c_out, 1, 1)
+        output = (raw - b) * ratio + b * updated
+    else:
+        output = raw * ratio
+    return output, updated
+
+
+class PartialConv2d(nn.Conv2d):
+    """NVIDIA's PartialConv2d interface on the unfused algorithm above (the baseline for benchmarks).
+
+    Unlike NVIDIA's layer it keeps no state between calls: ``mask_in=None`` is an all-ones mask every time.
+    """
+
+    def __init__(self, *args, multi_channel: bool = False, return_mask: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros' for a partial convolution, got {self.padding_mode!r}")
+        self.multi_channel = multi_channel
+        self.return_mask = return_mask
+
+    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
+        output, updated = partial_conv2d(
+            input, mask_in, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            self.multi_channel,
+        )
+        if self.return_mask:
+            return output, updated
+        return output
