@@ -1,0 +1,222 @@
+"""Fused partial convolution vs the unfused reference vs the plain convolution, measured in one process.
+
+For each layer of the paper's U-Net at 256x256 (encoder 3->64 k7 s2 ... 512->512 k3 s2, decoder
+(512+512)->512 k3 ... (64+3)->3 k3), each mask kind, batch size and pass (forward, forward+backward), the three
+variants run interleaved and the median of each is reported with two ratios:
+  fused/plain  how far the fused op is from the floor (the plain nn.Conv2d of the same shape),
+  ref/fused    the speed-up over the unfused reference (pconv_cuda.reference, NVIDIA's algorithm).
+
+    python benchmarks/bench.py                  # CPU, all cases
+    python benchmarks/bench.py --quick          # batch 1, fewer repeats
+    python benchmarks/bench.py --json out.json  # also write the rows as JSON
+CUDA rows (CUDA-event timing, peak memory) run when a GPU is present and pconv_cuda has CUDA kernels for it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import pconv_cuda
+from pconv_cuda import reference
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    c_in: int
+    c_out: int
+    k: int
+    stride: int
+    size: int  # input H = W
+
+
+def unet_layers(image: int = 256) -> List[Layer]:
+    """The PConv U-Net (layer_size 7) at `image` px: encoder, then decoder on concatenated skip features."""
+    enc_k = [7, 5, 5, 3, 3, 3, 3]
+    enc_c = [64, 128, 256, 512, 512, 512, 512]
+    layers, c, s = [], 3, image
+    for i, (k, co) in enumerate(zip(enc_k, enc_c)):
+        layers.append(Layer(f"enc{i + 1}", c, co, k, 2, s))
+        c, s = co, s // 2
+    skips = [3] + enc_c[:-1]  # channels of the encoder output each decoder level concatenates
+    for i in range(len(enc_c) - 1, -1, -1):
+        s *= 2
+        co = 3 if i == 0 else enc_c[i - 1]
+        layers.append(Layer(f"dec{i + 1}", c + skips[i], co, 3, 1, s))
+        c = co
+    return layers
+
+
+@dataclass
+class Row:
+    device: str
+    layer: str
+    shape: str
+    mask: str
+    batch: int
+    pass_: str
+    plain_ms: float
+    reference_ms: float
+    fused_ms: float
+    fused_over_plain: float
+    reference_over_fused: float
+    peak_mb: Optional[Dict[str, float]] = None
+
+
+def make_case(layer: Layer, batch: int, multi: bool, device: str, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, layer.c_in, layer.size, layer.size, generator=g).to(device, dtype)
+    mc = layer.c_in if multi else 1
+    m = (torch.rand(batch, mc, layer.size, layer.size, generator=g) > 0.25).to(device, dtype)
+    conv = torch.nn.Conv2d(layer.c_in, layer.c_out, layer.k, layer.stride, layer.k // 2).to(device, dtype)
+    return x, m, conv
+
+
+def variants(x, m, conv, multi: bool) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    w, b, s, p = conv.weight, conv.bias, conv.stride, conv.padding
+    return {
+        "plain": lambda x: F.conv2d(x, w, b, s, p),
+        "reference": lambda x: reference.partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
+        "fused": lambda x: pconv_cuda.partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
+    }
+
+
+class Clock:
+    """Wall time on the CPU; CUDA events (after a synchronise) on a GPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def time_ms(self, fn: Callable[[], None]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def run_case(layer, batch, multi, backward, device, dtype, repeats, clock) -> Row:
+    x, m, conv = make_case(layer, batch, multi, device, dtype)
+    fns = variants(x, m, conv, multi)
+    grad = None
+    if backward:
+        x.requires_grad_(True)
+        with torch.no_grad():
+            grad = torch.randn_like(fns["plain"](x))
+
+    def step(fn):
+        if not backward:
+            with torch.no_grad():
+                fn(x)
+            return
+        x.grad = None
+        conv.weight.grad = None
+        conv.bias.grad = None
+        fn(x).backward(grad)
+
+    names = list(fns)
+    peak = None
+    for name in names:  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning
+        step(fns[name])
+    if clock.cuda:
+        peak = {}
+        for name in names:
+            torch.cuda.reset_peak_memory_stats()
+            step(fns[name])
+            peak[name] = torch.cuda.max_memory_allocated() / 2**20
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        # Interleaved and rotated so that drift on a shared machine hits every variant alike.
+        for name in names[r % 3:] + names[:r % 3]:
+            times[name].append(clock.time_ms(lambda: step(fns[name])))
+    med = {n: statistics.median(t) for n, t in times.items()}
+    return Row(device, layer.name, f"{layer.c_in}->{layer.c_out} k{layer.k} s{layer.stride} @{layer.size}",
+               "multi" if multi else "single", batch, "fwd+bwd" if backward else "fwd", med["plain"],
+               med["reference"], med["fused"], med["fused"] / med["plain"], med["reference"] / med["fused"], peak)
+
+
+def summarise(rows: List[Row]) -> List[str]:
+    lines = []
+    for device in sorted({r.device for r in rows}):
+        for pass_ in ("fwd", "fwd+bwd"):
+            for mask in ("single", "multi"):
+                sel = [r for r in rows if r.device == device and r.pass_ == pass_ and r.mask == mask]
+                if sel:
+                    lines.append(
+                        f"{device:5s} {pass_:8s} {mask:6s} mask: median fused/plain "
+                        f"{statistics.median(r.fused_over_plain for r in sel):.2f}x, median ref/fused "
+                        f"{statistics.median(r.reference_over_fused for r in sel):.2f}x over {len(sel)} cases")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 1 only and 3 repeats")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 4)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 5)")
+    ap.add_argument("--layers", nargs="+", default=None, help="subset of layer names, e.g. enc1 dec1")
+    ap.add_argument("--masks", nargs="+", default=["single", "multi"], choices=["single", "multi"])
+    ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--image", type=int, default=256, help="U-Net input size (default 256)")
+    ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--json", metavar="PATH", help="write the rows and the summary as JSON")
+    args = ap.parse_args(argv)
+
+    batches = args.batch or ([1] if args.quick else [1, 4])
+    repeats = args.repeats or (3 if args.quick else 5)
+    layers = [l for l in unet_layers(args.image) if args.layers is None or l.name in args.layers]
+    if not layers:
+        ap.error(f"no layer matches --layers {args.layers}; names: {[l.name for l in unet_layers(args.image)]}")
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    for d in devices:
+        if d.startswith("cuda") and pconv_cuda.ops.MISSING_CUDA_KERNELS:
+            print(f"skipping {d}: {pconv_cuda.ops.missing_kernel_message('partial_conv2d', 'cuda')}")
+    devices = [d for d in devices if not (d.startswith("cuda") and pconv_cuda.ops.MISSING_CUDA_KERNELS)]
+    dtype = getattr(torch, args.dtype)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, dtype {args.dtype}, "
+          f"median of {repeats} interleaved repeats")
+    head = (f"{'dev':4s} {'layer':6s} {'shape':26s} {'mask':6s} {'N':>2s} {'pass':7s} {'plain ms':>9s} "
+            f"{'ref ms':>9s} {'fused ms':>9s} {'fused/plain':>11s} {'ref/fused':>9s}")
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for device in devices:
+        clock = Clock(device)
+        for pass_ in args.passes:
+            for batch in batches:
+                for mask in args.masks:
+                    for layer in layers:
+                        r = run_case(layer, batch, mask == "multi", pass_ == "fwd+bwd", device, dtype, repeats, clock)
+                        rows.append(r)
+                        print(f"{r.device:4s} {r.layer:6s} {r.shape:26s} {r.mask:6s} {r.batch:2d} {r.pass_:7s} "
+                              f"{r.plain_ms:9.2f} {r.reference_ms:9.2f} {r.fused_ms:9.2f} "
+                              f"{r.fused_over_plain:10.2f}x {r.reference_over_fused:8.2f}x", flush=True)
+    summary = summarise(rows)
+    print()
+    print("\n".join(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
+                       "repeats": repeats, "rows": [dict(asdict(r), **{"pass": r.pass_}) for r in rows],
+                       "summary": summary}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The ops against the reference and gradcheck, over the shared samples and backends (conftest.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import pconv_cuda
+from pconv_cuda import reference
+from conftest import SAMPLES, Sample, conv_args, make_inputs, with_
+
+# Tolerances by dtype. The reference adds 1e-8 to S; for binary masks S >= 1 where it matters, so that is a 1e-8
+# relative deviation, below float32 resolution and covered by 1e-6 in float64 (soft masks: 1e-8 / S, S >= 0.01 here).
+TOL = {
+    torch.float64: dict(rtol=1e-6, atol=1e-6),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),  # different summation orders over up to C_in*k*k ~ 100 terms
+    torch.float16: dict(rtol=1e-2, atol=2e-2),  # 11-bit mantissa on inputs and on the stored output
+    torch.bfloat16: dict(rtol=4e-2, atol=8e-2),  # 8-bit mantissa
+}
+
+
+def run_op(x, m, w, b, s: Sample):
+    return pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))
+
+
+def run_reference(x, m, w, b, s: Sample):
+    out, upd = reference.partial_conv2d(x, m, w, b, *conv_args(s))
+    # The reference's multi-channel mask repeats one map over C_out (and over N for mask=None); ours is one map.
+    return out, upd[: 1 if m is None else None, :1]
+
+
+def test_samples_cover_the_issue():
+    # The sample list is the contract of the suite: keep every required hyper-parameter in it.
+    kernels = {s.kernel for s in SAMPLES}
+    assert {(1, 1), (3, 3), (5, 5), (7, 7)} <= kernels and any(k[0] != k[1] for k in kernels)
+    assert {1, 2, 3} <= {v for s in SAMPLES for v in s.stride}
+    assert {0, 1, 3} <= {v for s in SAMPLES for v in s.padding} and any(p[0] != p[1] for p in (s.padding for s in SAMPLES))
+    assert {1, 2} <= {v for s in SAMPLES for v in s.dilation}
+    assert {1, 2, 4} <= {s.groups for s in SAMPLES}
+    assert {True, False} == {s.bias for s in SAMPLES} == {s.multi_channel for s in SAMPLES}
+    assert {"ones", "zeros", "random", "holes", "soft", "none"} <= {s.mask for s in SAMPLES}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_forward_and_grads_match_reference(sample, device, dtype):
+    x, m, w, b = make_inputs(sample, dtype, device, requires_grad=True)
+    out, upd = run_op(x, m, w, b, sample)
+    x2, m2, w2, b2 = make_inputs(sample, dtype, device, requires_grad=True)
+    rout, rupd = run_reference(x2, m2, w2, b2, sample)
+    torch.testing.assert_close(out, rout, **TOL[dtype])
+    torch.testing.assert_close(upd, rupd, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    rout.backward(grad)
+    for t, r in ((x, x2), (w, w2), (b, b2)):
+        if t is not None:
+            torch.testing.assert_close(t.grad, r.grad, **TOL[dtype])
+
+
+def test_gradcheck_op(sample, device):
+    x, m, w, b = make_inputs(sample, torch.float64, device, requires_grad=True)
+    args = conv_args(sample)
+    assert gradcheck(lambda x, w, b: pconv_cuda.partial_conv2d(x, m, w, b, *args)[0], (x, w, b))
+
+
+def test_gradcheck_function(sample, device):
+    x, m, w, b = make_inputs(sample, torch.float64, device, requires_grad=True)
+    args = conv_args(sample)
+    assert gradcheck(lambda x, w, b: pconv_cuda.PartialConv2dFunction.apply(x, m, w, b, *args)[0], (x, w, b))
+
+
+# The module adds only argument plumbing over the op: a spread of samples keeps the suite fast.
+@pytest.mark.parametrize("sample", SAMPLES[::3], ids=str)
+def test_gradcheck_module(sample, device):
+    layer = pconv_cuda.PartialConv2d(sample.c_in, sample.c_out, sample.kernel, sample.stride, sample.padding,
+                                     sample.dilation, sample.groups, sample.bias, device=device,
+                                     dtype=torch.float64, multi_channel=sample.multi_channel)
+    x, m, _, _ = make_inputs(sample, torch.float64, device, requires_grad=True)
+    assert gradcheck(lambda x: layer(x, m), (x,))
+    params = [p for p in layer.parameters()]
+
+    def through_params(*ps):
+        return torch.func.functional_call(layer, dict(zip([n for n, _ in layer.named_parameters()], ps)), (x, m))
+
+    assert gradcheck(through_params, tuple(params))
+
+
+def test_only_requested_gradients(device):
+    s = SAMPLES[0]
+    x, m, w, b = make_inputs(s, torch.float64, device)
+    w.requires_grad_(True)
+    out, _ = run_op(x, m, w, b, s)
+    out.sum().backward()
+    assert x.grad is None and b.grad is None and w.grad is not None
+    _, upd, ratio = torch.ops.pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))
+    gi, gw, gb = torch.ops.pconv_cuda._partial_conv2d_backward(
+        torch.ones_like(out), x, m, w, ratio, upd, *conv_args(s), [False, False, True])
+    assert gi is None and gw is None and gb is not None
+
+
+def test_mask_gets_no_gradient(device):
+    s = SAMPLES[0]
+    x, m, w, b = make_inputs(s, torch.float64, device, requires_grad=True)
+    m.requires_grad_(True)
+    out, upd = run_op(x, m, w, b, s)
+    assert not upd.requires_grad
+    out.sum().backward()
+    assert m.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_types_against_float32_reference(sample, device, dtype):
+    x, m, w, b = make_inputs(sample, dtype, device, requires_grad=True)
+    out, upd = run_op(x, m, w, b, sample)
+    assert out.dtype == dtype and upd.dtype == dtype
+    x32, m32, w32, b32 = make_inputs(sample, torch.float32, device, requires_grad=True)
+    # Compare against the reference fed the same (rounded) values, so only the computation's rounding counts.
+    with torch.no_grad():
+        for t32, t in ((x32, x), (w32, w), (b32, b)):
+            if t is not None:
+                t32.copy_(t.float())
+    rout, rupd = run_reference(x32, None if m is None else m.float(), w32, b32, sample)
+    torch.testing.assert_close(out.float(), rout, **TOL[dtype])
+    torch.testing.assert_close(upd.float(), rupd, **TOL[dtype])
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    out.backward(grad.to(dtype))
+    rout.backward(grad)
+    for t, r in ((x, x32), (w, w32), (b, b32)):
+        if t is not None:
+            scale = r.grad.abs().max().clamp_min(1.0)  # grads sum many terms: compare relative to their range
+            torch.testing.assert_close(t.grad.float() / scale, r.grad / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_no_overflow_with_large_kernel_and_tiny_window_sums(device, dtype):
+    # win = C_in * 7 * 7 = 3136 and S down to 1e-3: win / S ~ 3e6 is beyond fp16's range, and so is the reference's
+    # win / 1e-8 where S == 0. The ratio is computed in float32 and multiplied into a bounded conv output.
+    s = Sample("big", n=1, c_in=64, c_out=4, h=12, w=12, kernel=(7, 7), padding=(3, 3), multi_channel=True)
+    x, _, w, b = make_inputs(s, dtype, device, requires_grad=True)
+    m = torch.zeros(1, 64, 12, 12, dtype=dtype, device=device)
+    m[0, 0, 5, 5] = 1e-3
+    m[0, :, 0, 0] = 1
+    out, upd = run_op(x, m, w, b, s)
+    out.sum().backward()
+    for t in (out, upd, x.grad, w.grad, b.grad):
+        assert torch.isfinite(t).all()
+    # Windows that see only the 1e-3 pixel are valid (U = S) and carry ratio = win: finite, not inf.
+    assert upd[0, 0, 5, 5].item() == pytest.approx(1e-3, rel=1e-2)
+    assert (out[:, :, 10:, 10:] == 0).all()  # windows with S == 0 are exactly 0
+
+
+def test_holes_give_exact_zero(device):
+    s = Sample("holes", mask="holes")
+    x, m, w, b = make_inputs(s, torch.float32, device)
+    out, upd = run_op(x, m, w, b, s)
+    hole = upd == 0
+    assert hole.any()
+    assert (out.masked_select(hole.expand_as(out)) == 0).all()
+
+
+def test_all_ones_border_ratio(device):
+    # "Partial convolution based padding": a 3x3 window sees 6 pixels on an edge, 4 in a corner.
+    ratio, upd = pconv_cuda.mask_update(torch.ones(1, 1, 5, 5, device=device), 3, 1, 1)
+    assert ratio[0, 0, 2, 2].item() == 1.0
+    assert ratio[0, 0, 0, 2].item() == pytest.approx(1.5)
+    assert ratio[0, 0, 0, 0].item() == pytest.approx(2.25)
+    assert (upd == 1).all()
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8], ids=str)
+def test_bool_and_uint8_masks(device, mask_dtype):
+    s = SAMPLES[0]
+    x, m, w, b = make_inputs(s, torch.float32, device)
+    out, upd = run_op(x, m.to(mask_dtype), w, b, s)
+    ref_out, ref_upd = run_op(x, m, w, b, s)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(upd, ref_upd, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+def test_layouts(device, layout):
+    s = Sample("layout", multi_channel=True, mask="random")
+    x, m, w, b = make_inputs(s, torch.float64, device)
+    want, want_upd = run_op(x, m, w, b, s)
+    if layout == "channels_last":
+        xl, ml = x.to(memory_format=torch.channels_last), m.to(memory_format=torch.channels_last)
+    else:
+        xl = torch.cat([x, x], dim=3)[..., : s.w]
+        ml = torch.cat([m, m], dim=3)[..., : s.w]
+        assert not xl.is_contiguous() and not ml.is_contiguous()
+    xl.requires_grad_(True)
+    out, upd = run_op(xl, ml, w, b, s)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(upd, want_upd, rtol=0, atol=0)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    out.sum().backward()
+    x2 = x.clone().requires_grad_(True)
+    run_op(x2, m, w, b, s)[0].sum().backward()
+    torch.testing.assert_close(xl.grad, x2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_grad_bias_and_weight(device):
+    s = Sample("cl", n=3, c_in=5, c_out=7, h=40, w=40, mask="holes")  # > 1 chunk of the NHWC grad pass
+    x, m, w, b = make_inputs(s, torch.float64, device, requires_grad=True)
+    run_op(x, m, w, b, s)[0].pow(2).sum().backward()
+    xl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    w2, b2 = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    run_op(xl, m, w2, b2, s)[0].pow(2).sum().backward()
+    torch.testing.assert_close(b2.grad, b.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(w2.grad, w.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xl.grad, x.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_empty_batch(device):
+    s = Sample("empty", n=0, mask_batch=0)
+    x, m, w, b = make_inputs(s, torch.float32, device, requires_grad=True)
+    out, upd = run_op(x, m, w, b, s)
+    assert out.shape == (0, 6, 9, 8) and upd.shape == (0, 1, 9, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_mask_update_matches_reference(sample, device):
+    _, m, w, _ = make_inputs(sample, torch.float64, device)
+    if m is None:
+        pytest.skip("mask_update needs a mask")
+    ratio, upd = pconv_cuda.mask_update(m, sample.kernel, sample.stride, sample.padding, sample.dilation,
+                                        sample.multi_channel)
+    ones = torch.ones(1, m.shape[1], *sample.kernel, dtype=m.dtype)
+    s_ref = torch.nn.functional.conv2d(m, ones, None, sample.stride, sample.padding, sample.dilation)
+    win = ones.numel()
+    u_ref = s_ref.clamp(0, 1)
+    ratio_ref = torch.where(s_ref > 0, win / s_ref.clamp_min(1e-300), torch.zeros_like(s_ref)) * u_ref
+    torch.testing.assert_close(ratio, ratio_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(upd, u_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_mask_update_dtypes(device):
+    m = torch.ones(2, 1, 6, 6, dtype=torch.bool, device=device)
+    ratio, upd = pconv_cuda.mask_update(m, 3, padding=1)
+    assert ratio.dtype == torch.float32 and upd.dtype == torch.float32
+    ratio, upd = pconv_cuda.mask_update(m.half(), 3, padding=1)
+    assert ratio.dtype == torch.float32 and upd.dtype == torch.float16
+    ratio, upd = pconv_cuda.mask_update(m.double(), 3, padding=1)
+    assert ratio.dtype == torch.float64 and upd.dtype == torch.float64
+
+
+def test_mask_none_equals_all_ones(device):
+    for s in (Sample("n", mask="none"), Sample("nm", mask="none", multi_channel=True, padding=(2, 0), h=5)):
+        x, _, w, b = make_inputs(s, torch.float64, device)
+        ones = torch.ones(1, s.c_in if s.multi_channel else 1, s.h, s.w, dtype=torch.float64)
+        out, upd = run_op(x, None, w, b, s)
+        want, want_upd = run_op(x, ones, w, b, s)
+        torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(upd, want_upd, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("s", [SAMPLES[0], with_(SAMPLES[0], mask="none"), with_(SAMPLES[0], multi_channel=True)],
+                         ids=str)
+def test_opcheck(device, s):
+    for requires_grad in (False, True):
+        x, m, w, b = make_inputs(s, torch.float64, device, requires_grad=requires_grad)
+        torch.library.opcheck(torch.ops.pconv_cuda.partial_conv2d.default, (x, m, w, b, *conv_args(s)))
+        out, upd, ratio = torch.ops.pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))
+        torch.library.opcheck(torch.ops.pconv_cuda._partial_conv2d_backward.default,
+                              (torch.randn_like(out), x.detach(), m, w.detach(), ratio, upd, *conv_args(s),
+                               [True, True, requires_grad]))
+    if m is not None:
+        torch.library.opcheck(torch.ops.pconv_cuda.mask_update.default,
+                              (m, s.kernel, s.stride, s.padding, s.dilation, s.multi_channel))
+
+
+def test_torch_compile_fullgraph(device):
+    layer = pconv_cuda.PartialConv2d(4, 6, 3, padding=1, return_mask=True, multi_channel=True).to(device)
+    x = torch.randn(2, 4, 9, 8, device=device, requires_grad=True)
+    m = (torch.rand(2, 4, 9, 8, device=device) > 0.3).float()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out, upd = compiled(x, m)
+    want, want_upd = layer(x, m)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(upd, want_upd)
+    g1, = torch.autograd.grad(out.sum(), x)
+    g2, = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_autocast_cpu_bfloat16():
+    layer = pconv_cuda.PartialConv2d(4, 6, 7, padding=3)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    m = torch.zeros(2, 1, 16, 16)
+    m[:, :, 3, 3] = 1  # most windows see one pixel or none: the largest ratios
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, m)
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+    torch.testing.assert_close(out.float(), layer(x, m), **TOL[torch.bfloat16])
