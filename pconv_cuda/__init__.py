@@ -16,7 +16,12 @@ def _load_extension():
         raise ImportError(f"pconv_cuda was compiled against torch {_build_info.TORCH_VERSION} but torch "
                           f"{torch.__version__} is installed; the C++ ABI differs between releases. Reinstall "
                           f"pconv_cuda with the installed torch: `pip install --no-build-isolation .`")
-    from pconv_cuda import _C  # noqa: F401  (runs the static op registrations)
+    try:
+        from pconv_cuda import _C  # noqa: F401  (runs the static op registrations)
+    except ImportError as e:
+        raise ImportError(f"pconv_cuda's compiled ops could not be loaded from {__path__[0]} ({e}). If that is the "
+                          f"source tree, run from another directory so that the installed package is imported, "
+                          f"or build in place: `python setup.py build_ext --inplace`") from e
 
 
 _load_extension()

@@ -25,8 +25,16 @@ def _empty(shape, like: Tensor, dtype: torch.dtype, fmt=torch.contiguous_format)
     return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
 
 
+def _check_devices(op: str, input: Tensor, **others: Optional[Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None:
+            torch._check(t.device == input.device,
+                         lambda: f"pconv_cuda::{op}: {name} is on {t.device} but input is on {input.device}")
+
+
 @torch.library.register_fake("pconv_cuda::partial_conv2d")
 def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    _check_devices("partial_conv2d", input, mask=mask, weight=weight, bias=bias)
     torch._check(input.dim() == 4, lambda: f"input must be 4-D, got {input.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"weight must be 4-D, got {weight.dim()}-D")
     n, _, h, w = input.shape

@@ -28,39 +28,66 @@ bool is_channels_last(const Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Mask pass: one read of M. plane[n, h, w] = sum over channels of M[n, :, h, w] (in acc_t), and every value is
-// checked to lie in [0, 1]. Returns false if some value did not.
-template <typename mask_t, typename acc_t>
-bool mask_plane_kernel(const Tensor& mask, acc_t* plane) {
-  const int64_t N = mask.size(0), C = mask.size(1), HW = mask.size(2) * mask.size(3);
-  const bool nhwc = is_channels_last(mask);
-  const Tensor m = mask.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const mask_t* src = m.const_data_ptr<mask_t>();
+// Mask pass: one read of M, and of X when `x` is given. For the first mask_batch images, plane[n] = the sum of
+// M[n] over its channels (in acc_t), with every value checked to lie in [0, 1]; and xm = X * M (M broadcast over
+// batch and channels) is written in the same sweep, so the masked input costs no extra pass over M.
+// Tensors are contiguous in `fmt` (NCHW or NHWC). Returns false if some mask value was outside [0, 1] or NaN.
+template <typename scalar_t, typename mask_t, typename acc_t>
+bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tensor* xm_t) {
+  const int64_t Nm = mask.size(0), Cm = mask.size(1), HW = mask.size(2) * mask.size(3);
+  const int64_t N = x_t ? x_t->size(0) : Nm;
+  const int64_t C = x_t ? x_t->size(1) : Cm;
+  const bool nhwc = is_channels_last(x_t ? *x_t : mask);
+  const mask_t* m = mask.const_data_ptr<mask_t>();
+  const scalar_t* x = x_t ? x_t->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* xm = xm_t ? xm_t->mutable_data_ptr<scalar_t>() : nullptr;
   std::atomic<bool> invalid{false};
   at::parallel_for(0, N * HW, grain_for(C), [&](int64_t begin, int64_t end) {
     bool bad = false;
     if (nhwc) {
       for (int64_t i = begin; i < end; ++i) {
-        acc_t s = acc_t(0);
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = static_cast<acc_t>(src[i * C + c]);
-          bad |= mask_value_invalid(v);
-          s += v;
+        const int64_t n = i / HW, p = i % HW;
+        const mask_t* mi = m + ((Nm == 1 ? 0 : n) * HW + p) * Cm;
+        if (x) {
+          const scalar_t* xi = x + i * C;
+          scalar_t* oi = xm + i * C;
+          for (int64_t c = 0; c < C; ++c) {
+            oi[c] = static_cast<scalar_t>(static_cast<acc_t>(xi[c]) * static_cast<acc_t>(mi[Cm == 1 ? 0 : c]));
+          }
         }
-        plane[i] = s;
+        if (plane && n < Nm) {
+          acc_t s = acc_t(0);
+          for (int64_t c = 0; c < Cm; ++c) {  // mi is hot in cache from the multiply above
+            const acc_t v = static_cast<acc_t>(mi[c]);
+            bad |= mask_value_invalid(v);
+            s += v;
+          }
+          plane[n * HW + p] = s;
+        }
       }
     } else {
-      // Channel-outer so that each channel plane is read contiguously.
+      // Per image, a run of pixels [p0, p1), channel-outer so every row is read contiguously.
       for (int64_t i = begin; i < end;) {
         const int64_t n = i / HW, p0 = i % HW, p1 = std::min(HW, p0 + (end - i));
-        acc_t* dst = plane + n * HW;
-        for (int64_t p = p0; p < p1; ++p) dst[p] = acc_t(0);
+        const int64_t nm = Nm == 1 ? 0 : n;
+        acc_t* pl = plane && n < Nm ? plane + n * HW : nullptr;
+        if (pl) std::fill(pl + p0, pl + p1, acc_t(0));
         for (int64_t c = 0; c < C; ++c) {
-          const mask_t* row = src + (n * C + c) * HW;
-          for (int64_t p = p0; p < p1; ++p) {
-            const acc_t v = static_cast<acc_t>(row[p]);
-            bad |= mask_value_invalid(v);
-            dst[p] += v;
+          const mask_t* mr = m + (nm * Cm + (Cm == 1 ? 0 : c)) * HW;
+          const bool accumulate = pl && (Cm > 1 || c == 0);
+          if (x) {
+            const scalar_t* xr = x + (n * C + c) * HW;
+            scalar_t* orow = xm + (n * C + c) * HW;
+            for (int64_t p = p0; p < p1; ++p) {
+              orow[p] = static_cast<scalar_t>(static_cast<acc_t>(xr[p]) * static_cast<acc_t>(mr[p]));
+            }
+          }
+          if (accumulate) {  // a second loop keeps both vectorisable; the row is in L1 by now
+            for (int64_t p = p0; p < p1; ++p) {
+              const acc_t v = static_cast<acc_t>(mr[p]);
+              bad |= mask_value_invalid(v);
+              pl[p] += v;
+            }
           }
         }
         i += p1 - p0;
@@ -115,26 +142,47 @@ void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* update) {
   }
 }
 
-// Fills ratio (acc dtype) and update (its own dtype), both (mask_batch, 1, Ho, Wo).
-void compute_ratio_update(const char* op, const c10::optional<Tensor>& mask, const Geometry& g, Tensor& ratio,
-                          Tensor& update) {
+// Runs the mask pass over `mask` (when there is one) and returns its channel-summed plane (undefined for
+// mask=None). With `input`, also returns X * M in `xm` (the input itself for mask=None).
+Tensor run_mask_pass(const char* op, const c10::optional<Tensor>& mask, const Geometry& g, at::ScalarType acc_dtype,
+                     bool want_plane, const Tensor* input, Tensor* xm) {
+  if (!mask.has_value() || !mask->defined()) {
+    if (xm) *xm = *input;
+    return Tensor();
+  }
+  const at::MemoryFormat fmt = (input ? *input : *mask).suggest_memory_format();
+  const Tensor m = mask->contiguous(fmt);
+  Tensor plane = want_plane ? at::empty({g.mask_batch, g.H, g.W}, m.options().dtype(acc_dtype)) : Tensor();
+  Tensor x;
+  if (input) {
+    x = input->contiguous(fmt);
+    *xm = at::empty_like(x, x.options(), fmt);
+  }
+  bool valid = true;
+  // scalar_t is the masked input's type; for a mask-only pass, the accumulation type stands in for it.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input ? input->scalar_type() : acc_dtype, "pconv_mask", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using x_t = scalar_t;
+    AT_DISPATCH_V2(m.scalar_type(), "pconv_mask_pass", AT_WRAP([&] {
+      valid = mask_pass_kernel<x_t, scalar_t, acc_t>(m, want_plane ? plane.mutable_data_ptr<acc_t>() : nullptr,
+                                                      input ? &x : nullptr, xm);
+    }), AT_EXPAND(AT_FLOATING_TYPES), at::kHalf, at::kBFloat16, at::kBool, at::kByte);
+  });
+  if (!valid) fail_invalid_mask(op, *mask);
+  return plane;
+}
+
+// ratio (acc dtype) and update (its own dtype), both (mask_batch, 1, Ho, Wo), from a plane or from the geometry.
+void compute_ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& update) {
   AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "pconv_ratio", [&] {
     using acc_t = scalar_t;
     acc_t* ratio_p = ratio.mutable_data_ptr<acc_t>();
-    if (!mask.has_value() || !mask->defined()) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio_ones", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio_update", [&] {
+      if (plane.defined()) {
+        ratio_kernel<acc_t>(plane.const_data_ptr<acc_t>(), g, ratio_p, update.mutable_data_ptr<scalar_t>());
+      } else {
         ratio_all_ones_kernel<acc_t>(g, ratio_p, update.mutable_data_ptr<scalar_t>());
-      });
-      return;
-    }
-    Tensor plane = at::empty({g.mask_batch, g.H, g.W}, ratio.options());
-    bool valid = true;
-    AT_DISPATCH_V2(mask->scalar_type(), "pconv_mask_plane", AT_WRAP([&] {
-      valid = mask_plane_kernel<scalar_t, acc_t>(*mask, plane.mutable_data_ptr<acc_t>());
-    }), AT_EXPAND(AT_FLOATING_TYPES), at::kHalf, at::kBFloat16, at::kBool, at::kByte);
-    if (!valid) fail_invalid_mask(op, *mask);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio_window", [&] {
-      ratio_kernel<acc_t>(plane.const_data_ptr<acc_t>(), g, ratio_p, update.mutable_data_ptr<scalar_t>());
+      }
     });
   });
 }
@@ -252,12 +300,6 @@ void check_map(const char* op, const char* name, const Tensor& t, const Geometry
               input.device());
 }
 
-Tensor masked_input(const Tensor& input, const c10::optional<Tensor>& mask, at::MemoryFormat fmt) {
-  if (!mask.has_value() || !mask->defined()) return input;
-  Tensor xm = at::empty_like(input, input.options(), fmt);
-  return at::mul_out(xm, input, *mask);
-}
-
 std::tuple<Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& input, const c10::optional<Tensor>& mask,
                                                       const Tensor& weight, const c10::optional<Tensor>& bias,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
@@ -270,9 +312,11 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& input, const
 
   Tensor ratio = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options().dtype(ratio_dtype(input.scalar_type())));
   Tensor update = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options());
-  compute_ratio_update(op, mask, g, ratio, update);
+  Tensor xm;
+  const Tensor plane = run_mask_pass(op, mask, g, ratio.scalar_type(), /*want_plane=*/true, &input, &xm);
+  compute_ratio_update(plane, g, ratio, update);
 
-  Tensor out = at::convolution(masked_input(input, mask, fmt), weight, c10::nullopt, stride, padding, dilation,
+  Tensor out = at::convolution(xm, weight, c10::nullopt, stride, padding, dilation,
                                /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
                    .contiguous(fmt);
   const Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : Tensor();
@@ -317,7 +361,8 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(
   Tensor dx, dw;
   if (need_input || need_weight) {
     // grad_input of a convolution does not read the input's values, so X*M is only formed for the weight.
-    const Tensor conv_input = need_weight ? masked_input(input, mask, fmt) : input;
+    Tensor conv_input = input;
+    if (need_weight) run_mask_pass(op, mask, g, ratio.scalar_type(), /*want_plane=*/false, &input, &conv_input);
     auto grads = at::convolution_backward(gy, conv_input, weight, c10::nullopt, stride, padding, dilation,
                                           /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
                                           {need_input, need_weight, false});
@@ -337,7 +382,8 @@ std::tuple<Tensor, Tensor> mask_update_cpu(const Tensor& mask, at::IntArrayRef k
   const at::ScalarType update_dtype = at::isFloatingType(mask.scalar_type()) ? mask.scalar_type() : at::kFloat;
   Tensor ratio = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(ratio_dtype(update_dtype)));
   Tensor update = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(update_dtype));
-  compute_ratio_update("pconv_cuda::mask_update", mask, g, ratio, update);
+  const Tensor plane = run_mask_pass("pconv_cuda::mask_update", mask, g, ratio.scalar_type(), true, nullptr, nullptr);
+  compute_ratio_update(plane, g, ratio, update);
   return {ratio, update};
 }
 
