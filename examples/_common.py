@@ -93,7 +93,8 @@ def center_square(img: Tensor, size: int) -> Tensor:
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
     crop = img[:, top : top + s, left : left + s]
-    return F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+    out = F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].clamp(0, 1)
 
 
 def random_crop(img: Tensor, size: int, rng: np.random.Generator) -> Tensor:
@@ -113,10 +114,6 @@ def random_crop(img: Tensor, size: int, rng: np.random.Generator) -> Tensor:
     if rng.integers(2):
         crop = crop.flip(-1)
     return crop.clamp(0, 1)
-
-
-def model_config(model: PConvUNet) -> Dict[str, int]:
-    return {"layer_size": model.layer_size, "in_channels": model.in_channels, "base_channels": model.base_channels}
 
 
 def load_model(path: os.PathLike | str, *, pconv=None, map_location: str = "cpu") -> Tuple[PConvUNet, dict]:

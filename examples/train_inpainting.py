@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    builtin_images, center_square, folder_images, model_config, random_crop, save_grid,
+    builtin_images, center_square, folder_images, random_crop, save_grid,
 )
 from pconv_cuda.losses import InpaintingLoss  # noqa: E402
 from pconv_cuda.masks import IrregularMaskGenerator, MaskFolder  # noqa: E402
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vgg-weights", default=None,
                    help="torchvision vgg16-397923af.pth for the perceptual/style losses (default: torch.hub's "
                         "cache; random weights with a warning if absent); 'random' for random weights")
+    p.add_argument("--unfused", action="store_true",
+                   help="build the network on pconv_cuda.reference layers instead of the fused PartialConv2d "
+                        "(same weights and checkpoints; slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--grid-every", type=int, default=200)
@@ -104,7 +107,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     _check_size(size, config["layer_size"])
 
     torch.manual_seed(args.seed)
-    model = PConvUNet(**config, freeze_encoder_bn=args.finetune)
+    pconv = None
+    if args.unfused:
+        from pconv_cuda import reference
+
+        pconv = reference.PartialConv2d
+    model = PConvUNet(**config, pconv=pconv, freeze_encoder_bn=args.finetune)
     start = 0
     resume_same_stage = ckpt is not None and ckpt.get("stage") == stage
     if ckpt is not None:

@@ -44,9 +44,11 @@ def _rng(seed: Seed) -> np.random.Generator:
 
 def hole_ratio(mask: Union[Tensor, np.ndarray]) -> float:
     """Fraction of hole pixels (value < 0.5) of a (..., H, W) mask, over all its elements."""
+    # A count over the size, not a float32 mean: bucket edges such as 0.1 must compare exactly.
     if isinstance(mask, Tensor):
-        return float((mask < 0.5).float().mean())
-    return float((np.asarray(mask) < 0.5).mean())
+        return int((mask < 0.5).sum()) / mask.numel()
+    arr = np.asarray(mask)
+    return int((arr < 0.5).sum()) / arr.size
 
 
 def bucket_index(ratio: float, buckets: Sequence[Tuple[float, float]] = HOLE_RATIO_BUCKETS) -> Optional[int]:

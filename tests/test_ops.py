@@ -297,3 +297,47 @@ def test_autocast_cpu_bfloat16():
     out.float().sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
     torch.testing.assert_close(out.float(), layer(x, m), **TOL[torch.bfloat16])
+
+
+ROUTES = ["vendor", "one_pass"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_cpu_routes_agree(sample, route, monkeypatch):
+    # Both CPU routes (ATen conv on X*M, and masked im2col + GEMM) give the same forward and gradients.
+    x, m, w, b = make_inputs(sample, torch.float64, "cpu", requires_grad=True)
+    monkeypatch.setenv("PCONV_CPU_ROUTE", route)
+    out, upd = run_op(x, m, w, b, sample)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], grad)
+    monkeypatch.setenv("PCONV_CPU_ROUTE", "vendor" if route == "one_pass" else "one_pass")
+    out2, upd2 = run_op(x, m, w, b, sample)
+    want = torch.autograd.grad(out2, [t for t in (x, w, b) if t is not None], grad)
+    torch.testing.assert_close(out, out2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(upd, upd2, rtol=0, atol=0)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("s", SAMPLES[::4], ids=str)
+def test_gradcheck_one_pass_route(s, monkeypatch):
+    monkeypatch.setenv("PCONV_CPU_ROUTE", "one_pass")
+    x, m, w, b = make_inputs(s, torch.float64, "cpu", requires_grad=True)
+    assert gradcheck(lambda x, w, b: pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))[0], (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_one_pass_route_half_types(dtype, monkeypatch):
+    s = Sample("half", multi_channel=True, mask="holes")
+    x, m, w, b = make_inputs(s, dtype, "cpu")
+    monkeypatch.setenv("PCONV_CPU_ROUTE", "one_pass")
+    out, _ = run_op(x, m.bool(), w, b, s)
+    monkeypatch.setenv("PCONV_CPU_ROUTE", "vendor")
+    want, _ = run_op(x, m.bool(), w, b, s)
+    torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
+
+
+def test_bad_route_variable(monkeypatch):
+    monkeypatch.setenv("PCONV_CPU_ROUTE", "fastest")
+    with pytest.raises(RuntimeError, match=r"PCONV_CPU_ROUTE must be 'auto', 'vendor' or 'one_pass', got 'fastest'"):
+        run_op(*make_inputs(SAMPLES[0], torch.float32), SAMPLES[0])

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../common/pconv_args.h"
@@ -18,6 +20,8 @@ using at::Tensor;
 
 // Work items below which a loop stays on one thread.
 constexpr int64_t kGrainElements = 32768;
+// The auto route rule (see choose_route): the one-pass route for output maps of at most this many pixels.
+constexpr int64_t kOnePassMaxOutputPixels = 64;
 
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
@@ -147,7 +151,7 @@ void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* update) {
 Tensor run_mask_pass(const char* op, const c10::optional<Tensor>& mask, const Geometry& g, at::ScalarType acc_dtype,
                      bool want_plane, const Tensor* input, Tensor* xm) {
   if (!mask.has_value() || !mask->defined()) {
-    if (xm) *xm = *input;
+    if (xm && input) *xm = *input;
     return Tensor();
   }
   const at::MemoryFormat fmt = (input ? *input : *mask).suggest_memory_format();
@@ -165,7 +169,7 @@ Tensor run_mask_pass(const char* op, const c10::optional<Tensor>& mask, const Ge
     using x_t = scalar_t;
     AT_DISPATCH_V2(m.scalar_type(), "pconv_mask_pass", AT_WRAP([&] {
       valid = mask_pass_kernel<x_t, scalar_t, acc_t>(m, want_plane ? plane.mutable_data_ptr<acc_t>() : nullptr,
-                                                      input ? &x : nullptr, xm);
+                                                      input ? &x : nullptr, input ? xm : nullptr);
     }), AT_EXPAND(AT_FLOATING_TYPES), at::kHalf, at::kBFloat16, at::kBool, at::kByte);
   });
   if (!valid) fail_invalid_mask(op, *mask);
@@ -288,6 +292,88 @@ void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t*
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// One-pass route: masked im2col (X*M gathered straight into the GEMM operand, never materialised as a tensor),
+// then a GEMM per image and group, then the epilogue. NCHW only.
+template <typename scalar_t, typename mask_t>
+void masked_im2col_kernel(const scalar_t* x, const mask_t* m, int64_t mask_channels, int64_t c0, int64_t Cg,
+                          const Geometry& g, scalar_t* cols) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const Window& w = g.win;
+  const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W;
+  at::parallel_for(0, Cg * w.kh * w.kw, grain_for(HWo), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t c = r / (w.kh * w.kw), i = (r / w.kw) % w.kh, j = r % w.kw;
+      const scalar_t* xc = x + (c0 + c) * HW;
+      const mask_t* mc = m ? m + (mask_channels == 1 ? 0 : c0 + c) * HW : nullptr;
+      scalar_t* row = cols + r * HWo;
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        const int64_t h = oh * w.sh - w.ph + i * w.dh;
+        scalar_t* dst = row + oh * g.Wo;
+        if (h < 0 || h >= g.H) {
+          std::fill(dst, dst + g.Wo, scalar_t(0));
+          continue;
+        }
+        for (int64_t ow = 0; ow < g.Wo; ++ow) {
+          const int64_t col = ow * w.sw - w.pw + j * w.dw;
+          const bool inside = col >= 0 && col < g.W;
+          const int64_t at = h * g.W + (inside ? col : 0);
+          dst[ow] = inside ? (mc ? static_cast<scalar_t>(static_cast<acc_t>(xc[at]) * static_cast<acc_t>(mc[at]))
+                                 : xc[at])
+                           : scalar_t(0);
+        }
+      }
+    }
+  });
+}
+
+Tensor one_pass_conv(const Tensor& input, const c10::optional<Tensor>& mask, const Tensor& weight,
+                     const Geometry& g) {
+  const Tensor x = input.contiguous();
+  const Tensor m = mask.has_value() && mask->defined() ? mask->contiguous() : Tensor();
+  const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups, HWo = g.Ho * g.Wo;
+  const int64_t K = Cg * g.win.kh * g.win.kw;
+  Tensor out = at::empty({g.N, g.C_out, g.Ho, g.Wo}, input.options());
+  Tensor cols = at::empty({K, HWo}, input.options());
+  const Tensor w2 = weight.contiguous().view({g.C_out, K});
+  for (int64_t n = 0; n < g.N; ++n) {
+    Tensor out_n = out[n].view({g.C_out, HWo});
+    for (int64_t gi = 0; gi < g.groups; ++gi) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pconv_im2col", [&] {
+        using x_t = scalar_t;
+        const x_t* xn = x.const_data_ptr<x_t>() + n * g.C_in * g.H * g.W;
+        if (!m.defined()) {
+          masked_im2col_kernel<x_t, x_t>(xn, nullptr, 0, gi * Cg, Cg, g, cols.mutable_data_ptr<x_t>());
+          return;
+        }
+        AT_DISPATCH_V2(m.scalar_type(), "pconv_im2col_mask", AT_WRAP([&] {
+          const scalar_t* mn = m.const_data_ptr<scalar_t>() + (g.mask_batch == 1 ? 0 : n) * g.mask_channels * g.H * g.W;
+          masked_im2col_kernel<x_t, scalar_t>(xn, mn, g.mask_channels, gi * Cg, Cg, g, cols.mutable_data_ptr<x_t>());
+        }), AT_EXPAND(AT_FLOATING_TYPES), at::kHalf, at::kBFloat16, at::kBool, at::kByte);
+      });
+      Tensor dst = out_n.narrow(0, gi * Cog, Cog);
+      at::mm_out(dst, w2.narrow(0, gi * Cog, Cog), cols);
+    }
+  }
+  return out;
+}
+
+enum class Route { Vendor, OnePass };
+
+// PCONV_CPU_ROUTE=vendor|one_pass|auto (default auto). The auto rule and the measurements behind it are in
+// README.md ("CPU routes"): on small output maps oneDNN's per-call cost dominates and a GEMM over the masked
+// im2col wins (0.6x-0.9x of the vendor route at 4..64 output pixels); on large maps im2col's traffic loses (up to 9x).
+Route choose_route(const Tensor& input, const Geometry& g) {
+  const char* env = std::getenv("PCONV_CPU_ROUTE");
+  const std::string choice = env ? env : "auto";
+  TORCH_CHECK(choice == "auto" || choice == "vendor" || choice == "one_pass",
+              "PCONV_CPU_ROUTE must be 'auto', 'vendor' or 'one_pass', got '", choice, "'");
+  if (choice == "vendor") return Route::Vendor;
+  const bool nchw = input.suggest_memory_format() == at::MemoryFormat::Contiguous;
+  if (choice == "one_pass") return nchw ? Route::OnePass : Route::Vendor;  // the one-pass route is NCHW only
+  return nchw && g.Ho * g.Wo <= kOnePassMaxOutputPixels ? Route::OnePass : Route::Vendor;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Entry points.
 
 void check_map(const char* op, const char* name, const Tensor& t, const Geometry& g, at::ScalarType dtype,
@@ -312,13 +398,17 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& input, const
 
   Tensor ratio = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options().dtype(ratio_dtype(input.scalar_type())));
   Tensor update = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options());
+  const Route route = choose_route(input, g);
   Tensor xm;
-  const Tensor plane = run_mask_pass(op, mask, g, ratio.scalar_type(), /*want_plane=*/true, &input, &xm);
+  const Tensor plane = run_mask_pass(op, mask, g, ratio.scalar_type(), /*want_plane=*/true,
+                                     route == Route::Vendor ? &input : nullptr, &xm);
   compute_ratio_update(plane, g, ratio, update);
 
-  Tensor out = at::convolution(xm, weight, c10::nullopt, stride, padding, dilation,
-                               /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
-                   .contiguous(fmt);
+  Tensor out = route == Route::OnePass
+                   ? one_pass_conv(input, mask, weight, g)
+                   : at::convolution(xm, weight, c10::nullopt, stride, padding, dilation,
+                                     /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
+                         .contiguous(fmt);
   const Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pconv_epilogue", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -185,7 +185,8 @@ class PConvUNet(nn.Module):
                 f"(layer_size={self.layer_size}), got {h}x{w}; pad the image and mask with "
                 f"pconv_cuda.models.pad_to_multiple and crop the result back with crop_to"
             )
-        if mask.dim() != 4 or mask.shape[1] not in (1, c) or mask.shape[2:] != image.shape[2:] or mask.shape[0] not in (1, n):
+        if (mask.dim() != 4 or mask.shape[1] not in (1, c) or mask.shape[2:] != image.shape[2:]
+                or mask.shape[0] not in (1, n)):
             raise ValueError(
                 f"mask must have shape ({n}, 1, {h}, {w}) or ({n}, {c}, {h}, {w}), got {tuple(mask.shape)}"
             )

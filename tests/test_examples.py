@@ -1,0 +1,159 @@
+"""The examples and the model benchmark, end to end on tiny settings: train, resume, fine-tune, inpaint,
+evaluate."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--size", "32", "--layer-size", "4", "--base-channels", "8", "--batch-size", "2",
+        "--vgg-weights", "random", "--quiet"]
+
+
+def _load(relpath: str):
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(f"_example_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return {name: _load(f"examples/{name}.py") for name in ("train_inpainting", "inpaint", "evaluate")}
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """A few small synthetic RGB images (smooth gradients and a disc), written as PNG."""
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:56] / 48.0
+    for i in range(4):
+        a, b, c = rng.uniform(0.2, 1.0, 3)
+        img = np.stack([a * xx, b * yy, c * (1 - xx * yy)], -1)
+        img[(yy - 0.5) ** 2 + (xx - 0.6) ** 2 < 0.05] = rng.uniform(0, 1, 3)
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(d / f"img{i}.png")
+    return d
+
+
+def _log(path: Path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_resume_finetune_inpaint_evaluate(examples, image_dir, tmp_path):
+    train = examples["train_inpainting"].main
+    out = tmp_path / "run"
+
+    def args(run_dir, *more):
+        return ["--data", str(image_dir), "--out", str(run_dir), "--log-every", "2", "--grid-every", "2",
+                "--ckpt-every", "2", *TINY, *more]
+
+    # Train 4 steps: checkpoint, a log line every 2 steps with every loss term, grids of the right size.
+    summary = train(args(out, "--steps", "4"))
+    log = _log(out / "log.jsonl")
+    assert [r["step"] for r in log] == [2, 4]
+    for r in log:
+        assert {"valid", "hole", "perceptual", "style_out", "style_comp", "tv", "total"} <= set(r)
+        assert all(np.isfinite(r[k]) for k in ("valid", "hole", "total"))
+    assert summary["step"] == 4 and (out / "checkpoint.pt").is_file()
+    grid = Image.open(out / "grid_train_000004.png")
+    # 5 columns (input, mask, output, composite, ground truth) of 32 px + 2 px padding; 4 rows: the one
+    # held-out image (the last of 4) under 4 masks of growing hole ratio.
+    assert grid.size == (5 * 34 + 2, 4 * 34 + 2)
+    assert (out / "grid_train_000002.png").is_file() and (out / "grid_latest.png").is_file()
+    ckpt4 = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt4["step"] == 4 and ckpt4["stage"] == "train"
+
+    # Resuming to 6 steps gives exactly what 6 uninterrupted steps give (model, optimizer and data RNG restored).
+    train(args(out, "--steps", "6", "--resume", str(out / "checkpoint.pt")))
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert resumed["step"] == 6 and [r["step"] for r in _log(out / "log.jsonl")] == [2, 4, 6]
+    straight_dir = tmp_path / "straight"
+    train(args(straight_dir, "--steps", "6"))
+    straight = torch.load(straight_dir / "checkpoint.pt", weights_only=True)
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+    # Fine-tuning: encoder BatchNorm frozen (statistics and affine parameters unchanged), the rest trains.
+    ft_dir = tmp_path / "ft"
+    train(args(ft_dir, "--steps", "2", "--finetune", "--resume", str(out / "checkpoint.pt")))
+    ft = torch.load(ft_dir / "checkpoint.pt", weights_only=True)
+    assert ft["stage"] == "finetune" and ft["step"] == 2
+    assert _log(ft_dir / "log.jsonl")[-1]["lr"] == 5e-5
+    enc_bn = [k for k in ft["model"] if k.startswith("encoder.") and ".bn." in k]
+    assert enc_bn and all(torch.equal(ft["model"][k], resumed["model"][k]) for k in enc_bn)
+    assert not torch.equal(ft["model"]["decoder.0.conv.weight"], resumed["model"]["decoder.0.conv.weight"])
+
+    # Inpaint an image whose size is not a multiple of 2**layer_size, with a generated mask.
+    src = image_dir / "img0.png"
+    res = examples["inpaint"].main([str(src), "--checkpoint", str(ft_dir / "checkpoint.pt"),
+                                    "--out", str(tmp_path / "filled.png"), "--save-mask", str(tmp_path / "m.png"),
+                                    "--hole-ratio", "0.3", "0.4"])
+    assert 0.3 < res["hole_ratio"] <= 0.4
+    filled = np.asarray(Image.open(tmp_path / "filled.png"))
+    original = np.asarray(Image.open(src))
+    valid = np.asarray(Image.open(tmp_path / "m.png")) > 127
+    assert filled.shape == original.shape
+    assert np.array_equal(filled[valid], original[valid])  # known pixels come back untouched
+    # The saved mask, given back as a file, reproduces the result.
+    examples["inpaint"].main([str(src), "--checkpoint", str(ft_dir / "checkpoint.pt"),
+                              "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "again.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), filled)
+
+    # Evaluate per bucket, with the biharmonic baseline, to JSON.
+    metrics_path = tmp_path / "metrics.json"
+    result = examples["evaluate"].main(["--checkpoint", str(ft_dir / "checkpoint.pt"), "--images", str(image_dir),
+                                        "--per-bucket", "1", "--baseline", "biharmonic", "--json",
+                                        str(metrics_path), "--quiet"])
+    saved = json.loads(metrics_path.read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    assert list(saved["results"]) == ["pconv", "biharmonic"]
+    for method in saved["results"].values():
+        assert list(method) == ["(0.01,0.1]", "(0.1,0.2]", "(0.2,0.3]", "(0.3,0.4]", "(0.4,0.5]", "(0.5,0.6]"]
+        for r in method.values():
+            assert r["n"] == 4 and 0 < r["l1"] < 100 and r["psnr"] > 0 and -1 <= r["ssim"] <= 1
+    # More holes, more error: the smallest bucket beats the largest (composites keep the known pixels).
+    b = saved["results"]["biharmonic"]
+    assert b["(0.01,0.1]"]["l1"] < b["(0.5,0.6]"]["l1"]
+
+
+def test_train_on_builtin_photographs(examples, tmp_path):
+    pytest.importorskip("skimage")
+    summary = examples["train_inpainting"].main(["--out", str(tmp_path), "--steps", "1", *TINY])
+    assert summary["step"] == 1 and (tmp_path / "grid_latest.png").is_file()
+    # The held-out photographs fill the preview grid (4 rows).
+    assert Image.open(tmp_path / "grid_latest.png").size[1] == 4 * 34 + 2
+
+
+def test_bench_model_runs(tmp_path):
+    bench = _load("benchmarks/bench_model.py")
+    out = tmp_path / "bench.json"
+    result = bench.main(["--size", "32", "--layer-size", "4", "--base-channels", "8", "--batch", "1", "2",
+                         "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(r["mode"], r["batch"]) for r in saved["rows"]] == [("infer", 1), ("infer", 2), ("train", 1), ("train", 2)]
+    for r in saved["rows"]:
+        assert r["reference_ms"] > 0
+        if saved["env"]["fused_available"]:
+            assert r["fused_ms"] > 0 and r["speedup"] == pytest.approx(r["reference_ms"] / r["fused_ms"])
+    assert "| case | batch |" in bench.format_table(result["rows"], saved["env"]["fused_available"])
+
+
+# Two programs suffice: the examples share their import set-up, and each start costs a torch import.
+@pytest.mark.parametrize("script", ["examples/train_inpainting.py", "benchmarks/bench_model.py"])
+def test_scripts_run_as_programs(script):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
