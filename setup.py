@@ -52,7 +52,7 @@ def extensions():
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         print(f"pconv_cuda: building CPU + CUDA kernels ({why}); archs {archs}", flush=True)
-        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
         ext = cpp_extension.CUDAExtension(
             "pconv_cuda._C", sources,
             define_macros=[("PCONV_WITH_CUDA", "1")],
@@ -62,7 +62,10 @@ def extensions():
         print(f"pconv_cuda: building CPU kernels only ({why})", flush=True)
         ext = cpp_extension.CppExtension("pconv_cuda._C", sources, extra_compile_args=cxx)
     write_build_info(with_cuda, archs)
-    return [ext]
+    # The CUDA kernels under the SIMT emulation, on the CPU: built always, so CI runs them without a GPU.
+    emu = cpp_extension.CppExtension(
+        "pconv_cuda._emu", ["csrc/cuda/emu/pconv_emu.cpp", "csrc/common/pconv_args.cpp"], extra_compile_args=cxx)
+    return [ext, emu]
 
 
 # Pin the runtime torch to the one the extension is compiled against: the C++ ABI is not stable across releases.

@@ -9,12 +9,14 @@ variants run interleaved and the median of each is reported with two ratios:
     python benchmarks/bench.py                  # CPU, all cases
     python benchmarks/bench.py --quick          # batch 1, fewer repeats
     python benchmarks/bench.py --json out.json  # also write the rows as JSON
-CUDA rows (CUDA-event timing, peak memory) run when a GPU is present and pconv_cuda has CUDA kernels for it.
+CUDA rows (CUDA-event timing after warm-up, peak memory) run when a GPU is present and pconv_cuda has CUDA
+kernels, once per CUDA route (--cuda-routes, default both: the vendor route and the one-pass kernel).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image", type=int, default=256, help="U-Net input size (default 256)")
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--cuda-routes", nargs="+", default=["vendor", "one_pass"], choices=["auto", "vendor", "one_pass"],
+                    help="PCONV_CUDA_ROUTE values to measure on a GPU")
     ap.add_argument("--json", metavar="PATH", help="write the rows and the summary as JSON")
     args = ap.parse_args(argv)
 
@@ -196,17 +200,28 @@ def main(argv=None) -> int:
     print(head)
     print("-" * len(head))
     rows = []
+    runs = []  # (device, label, CUDA route)
     for device in devices:
+        if device.startswith("cuda"):
+            runs += [(device, f"{device}/{r}", r) for r in args.cuda_routes]
+        else:
+            runs.append((device, device, None))
+    for device, label, route in runs:
+        if route:
+            os.environ["PCONV_CUDA_ROUTE"] = route
         clock = Clock(device)
         for pass_ in args.passes:
             for batch in batches:
                 for mask in args.masks:
                     for layer in layers:
                         r = run_case(layer, batch, mask == "multi", pass_ == "fwd+bwd", device, dtype, repeats, clock)
+                        r.device = label
                         rows.append(r)
                         print(f"{r.device:4s} {r.layer:6s} {r.shape:26s} {r.mask:6s} {r.batch:2d} {r.pass_:7s} "
                               f"{r.plain_ms:9.2f} {r.reference_ms:9.2f} {r.fused_ms:9.2f} "
-                              f"{r.fused_over_plain:10.2f}x {r.reference_over_fused:8.2f}x", flush=True)
+                              f"{r.fused_over_plain:10.2f}x {r.reference_over_fused:8.2f}x"
+                              + (f"  peak MB plain/ref/fused {r.peak_mb['plain']:.0f}/{r.peak_mb['reference']:.0f}/"
+                                 f"{r.peak_mb['fused']:.0f}" if r.peak_mb else ""), flush=True)
     summary = summarise(rows)
     print()
     print("\n".join(summary))

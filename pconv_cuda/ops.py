@@ -1,5 +1,9 @@
 """Python-side registrations of the pconv_cuda ops: fake (meta) kernels, autograd, autocast, and a clear error
-for devices the build has no kernels for. The schemas and the real kernels live in csrc/."""
+for devices the build has no kernels for. The schemas and the real kernels live in csrc/.
+
+`register_library(ns)` does it for one op library; it runs for `pconv_cuda` here and for `pconv_cuda_emu` (the
+CUDA kernels under the SIMT emulation, see pconv_cuda/emu.py), so both get the same fake kernels and backward.
+"""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -32,7 +36,6 @@ def _check_devices(op: str, input: Tensor, **others: Optional[Tensor]) -> None:
                          lambda: f"pconv_cuda::{op}: {name} is on {t.device} but input is on {input.device}")
 
 
-@torch.library.register_fake("pconv_cuda::partial_conv2d")
 def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
     _check_devices("partial_conv2d", input, mask=mask, weight=weight, bias=bias)
     torch._check(input.dim() == 4, lambda: f"input must be 4-D, got {input.dim()}-D")
@@ -48,7 +51,6 @@ def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, g
     return output, updated, ratio
 
 
-@torch.library.register_fake("pconv_cuda::_partial_conv2d_backward")
 def _partial_conv2d_backward_fake(grad_output, input, mask, weight, ratio, updated_mask, stride, padding, dilation,
                                   groups, multi_channel, output_mask):
     grad_input = _empty(input.shape, input, input.dtype, suggest_memory_format(input)) if output_mask[0] else None
@@ -57,7 +59,6 @@ def _partial_conv2d_backward_fake(grad_output, input, mask, weight, ratio, updat
     return grad_input, grad_weight, grad_bias
 
 
-@torch.library.register_fake("pconv_cuda::mask_update")
 def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channel):
     n, _, h, w = mask.shape
     ho = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
@@ -66,12 +67,13 @@ def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channe
     return _empty((n, 1, ho, wo), mask, _ratio_dtype(dtype)), _empty((n, 1, ho, wo), mask, dtype)
 
 
-# --- autograd: one backward shared by the op's registration and the public autograd.Function ----------------------
+# --- autograd: one backward shared by the ops' registrations and the public autograd.Function --------------------
 
-def save_for_backward(ctx, input, mask, weight, bias, ratio, updated, conv_args) -> None:
+def save_for_backward(ctx, input, mask, weight, bias, ratio, updated, conv_args, ns: str = "pconv_cuda") -> None:
     ctx.save_for_backward(input, mask, weight, ratio, updated)
     ctx.conv_args = conv_args  # (stride, padding, dilation, groups, multi_channel)
     ctx.has_bias = bias is not None
+    ctx.ns = ns
 
 
 def input_grads(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
@@ -81,15 +83,8 @@ def input_grads(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], Optional[Te
     if not any(output_mask):
         return None, None, None
     input, mask, weight, ratio, updated = ctx.saved_tensors
-    return torch.ops.pconv_cuda._partial_conv2d_backward(
-        grad_output, input, mask, weight, ratio, updated, *ctx.conv_args, output_mask)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    input, mask, weight, bias, *conv_args = inputs
-    _, updated, ratio = output
-    save_for_backward(ctx, input, mask, weight, bias, ratio, updated, tuple(conv_args))
-    ctx.mark_non_differentiable(updated, ratio)
+    backward = getattr(torch.ops, ctx.ns)._partial_conv2d_backward
+    return backward(grad_output, input, mask, weight, ratio, updated, *ctx.conv_args, output_mask)
 
 
 def _backward(ctx, grad_output, grad_updated, grad_ratio):
@@ -97,7 +92,22 @@ def _backward(ctx, grad_output, grad_updated, grad_ratio):
     return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
 
 
-torch.library.register_autograd("pconv_cuda::partial_conv2d", _backward, setup_context=_setup_context)
+def register_library(ns: str) -> None:
+    """Fake kernels and autograd for the ops of library `ns` (which defines them with csrc's schemas)."""
+    torch.library.register_fake(f"{ns}::partial_conv2d")(_partial_conv2d_fake)
+    torch.library.register_fake(f"{ns}::_partial_conv2d_backward")(_partial_conv2d_backward_fake)
+    torch.library.register_fake(f"{ns}::mask_update")(_mask_update_fake)
+
+    def setup_context(ctx, inputs, output) -> None:
+        input, mask, weight, bias, *conv_args = inputs
+        _, updated, ratio = output
+        save_for_backward(ctx, input, mask, weight, bias, ratio, updated, tuple(conv_args), ns)
+        ctx.mark_non_differentiable(updated, ratio)
+
+    torch.library.register_autograd(f"{ns}::partial_conv2d", _backward, setup_context=setup_context)
+
+
+register_library("pconv_cuda")
 
 # Under autocast the op runs in the autocast dtype, like nn.Conv2d; the ratio stays float32 whatever it is.
 torch.library.register_autocast("pconv_cuda::partial_conv2d", "cpu", torch.bfloat16)

@@ -58,8 +58,42 @@ SAMPLES = [
     Sample("batch1", n=1),
 ]
 
-# Backends under test: name -> device. The CUDA backend joins with issue 3 (cuda_emu, cuda).
-BACKENDS = {"cpu": "cpu"}
+@dataclass(frozen=True)
+class Backend:
+    """Where an op runs: its device, its op library, and the CUDA route (PCONV_CUDA_ROUTE) where one applies."""
+    name: str
+    device: str
+    ns: str  # torch.ops namespace: pconv_cuda, or pconv_cuda_emu for the CUDA kernels under the SIMT emulation
+    cuda_route: Optional[str] = None
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.ns)
+
+    @property
+    def main_library(self) -> bool:
+        """The backend runs the public API (functional, Function, module), not just the ops."""
+        return self.ns == "pconv_cuda"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# Every backend runs the op-level tests. cuda_emu executes the CUDA kernels on the CPU (always); cuda needs a GPU.
+BACKENDS = [
+    Backend("cpu", "cpu", "pconv_cuda"),
+    Backend("cuda_emu-vendor", "cpu", "pconv_cuda_emu", "vendor"),
+    Backend("cuda_emu-one_pass", "cpu", "pconv_cuda_emu", "one_pass"),
+    Backend("cuda-vendor", "cuda", "pconv_cuda", "vendor"),
+    Backend("cuda-one_pass", "cuda", "pconv_cuda", "one_pass"),
+]
+
+
+def cuda_unavailable() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "no GPU"
+    from pconv_cuda import ops
+    return "this build has no CUDA kernels" if ops.MISSING_CUDA_KERNELS else None
 
 
 def make_mask(s: Sample, dtype: torch.dtype, g: torch.Generator) -> Optional[torch.Tensor]:
@@ -109,9 +143,25 @@ def with_(s: Sample, **kw) -> Sample:
     return replace(s, **kw)
 
 
-@pytest.fixture(params=list(BACKENDS), ids=list(BACKENDS))
-def device(request) -> str:
-    return BACKENDS[request.param]
+def use_backend(b: Backend, monkeypatch) -> Backend:
+    if b.device == "cuda" and cuda_unavailable():
+        pytest.skip(f"{b.name}: {cuda_unavailable()}")
+    if b.ns == "pconv_cuda_emu":
+        import pconv_cuda.emu  # noqa: F401  (registers the emulated library)
+    if b.cuda_route:
+        monkeypatch.setenv("PCONV_CUDA_ROUTE", b.cuda_route)
+    return b
+
+
+@pytest.fixture(params=BACKENDS, ids=str)
+def backend(request, monkeypatch) -> Backend:
+    return use_backend(request.param, monkeypatch)
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b.main_library], ids=str)
+def main_backend(request, monkeypatch) -> Backend:
+    """Backends of the public API (the module, the functional API, the autograd.Function)."""
+    return use_backend(request.param, monkeypatch)
 
 
 @pytest.fixture(params=SAMPLES, ids=str)

@@ -7,7 +7,7 @@ from torch.autograd import gradcheck
 
 import pconv_cuda
 from pconv_cuda import reference
-from conftest import SAMPLES, Sample, conv_args, make_inputs, with_
+from conftest import BACKENDS, SAMPLES, Backend, Sample, conv_args, make_inputs, with_
 
 # Tolerances by dtype. The reference adds 1e-8 to S; for binary masks S >= 1 where it matters, so that is a 1e-8
 # relative deviation, below float32 resolution and covered by 1e-6 in float64 (soft masks: 1e-8 / S, S >= 0.01 here).
@@ -19,8 +19,18 @@ TOL = {
 }
 
 
-def run_op(x, m, w, b, s: Sample):
-    return pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))
+CPU = BACKENDS[0]
+
+
+def mask_update(backend: Backend, mask, k, stride=1, padding=0, dilation=1, multi_channel=False):
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    return backend.ops.mask_update(mask, pair(k), pair(stride), pair(padding), pair(dilation), multi_channel)
+
+
+def run_op(backend: Backend, x, m, w, b, s: Sample):
+    """(output, updated_mask) from the backend's op library, through its autograd registration."""
+    out, upd, _ = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
+    return out, upd
 
 
 def run_reference(x, m, w, b, s: Sample):
@@ -42,9 +52,10 @@ def test_samples_cover_the_issue():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_forward_and_grads_match_reference(sample, device, dtype):
+def test_forward_and_grads_match_reference(sample, backend, dtype):
+    device = backend.device
     x, m, w, b = make_inputs(sample, dtype, device, requires_grad=True)
-    out, upd = run_op(x, m, w, b, sample)
+    out, upd = run_op(backend, x, m, w, b, sample)
     x2, m2, w2, b2 = make_inputs(sample, dtype, device, requires_grad=True)
     rout, rupd = run_reference(x2, m2, w2, b2, sample)
     torch.testing.assert_close(out, rout, **TOL[dtype])
@@ -57,13 +68,15 @@ def test_forward_and_grads_match_reference(sample, device, dtype):
             torch.testing.assert_close(t.grad, r.grad, **TOL[dtype])
 
 
-def test_gradcheck_op(sample, device):
+def test_gradcheck_op(sample, backend):
+    device = backend.device
     x, m, w, b = make_inputs(sample, torch.float64, device, requires_grad=True)
     args = conv_args(sample)
-    assert gradcheck(lambda x, w, b: pconv_cuda.partial_conv2d(x, m, w, b, *args)[0], (x, w, b))
+    assert gradcheck(lambda x, w, b: backend.ops.partial_conv2d(x, m, w, b, *args)[0], (x, w, b))
 
 
-def test_gradcheck_function(sample, device):
+def test_gradcheck_function(sample, main_backend):
+    device = main_backend.device
     x, m, w, b = make_inputs(sample, torch.float64, device, requires_grad=True)
     args = conv_args(sample)
     assert gradcheck(lambda x, w, b: pconv_cuda.PartialConv2dFunction.apply(x, m, w, b, *args)[0], (x, w, b))
@@ -71,7 +84,8 @@ def test_gradcheck_function(sample, device):
 
 # The module adds only argument plumbing over the op: a spread of samples keeps the suite fast.
 @pytest.mark.parametrize("sample", SAMPLES[::3], ids=str)
-def test_gradcheck_module(sample, device):
+def test_gradcheck_module(sample, main_backend):
+    device = main_backend.device
     layer = pconv_cuda.PartialConv2d(sample.c_in, sample.c_out, sample.kernel, sample.stride, sample.padding,
                                      sample.dilation, sample.groups, sample.bias, device=device,
                                      dtype=torch.float64, multi_channel=sample.multi_channel)
@@ -85,33 +99,36 @@ def test_gradcheck_module(sample, device):
     assert gradcheck(through_params, tuple(params))
 
 
-def test_only_requested_gradients(device):
+def test_only_requested_gradients(backend):
+    device = backend.device
     s = SAMPLES[0]
     x, m, w, b = make_inputs(s, torch.float64, device)
     w.requires_grad_(True)
-    out, _ = run_op(x, m, w, b, s)
+    out, _ = run_op(backend, x, m, w, b, s)
     out.sum().backward()
     assert x.grad is None and b.grad is None and w.grad is not None
-    _, upd, ratio = torch.ops.pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))
-    gi, gw, gb = torch.ops.pconv_cuda._partial_conv2d_backward(
+    _, upd, ratio = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
+    gi, gw, gb = backend.ops._partial_conv2d_backward(
         torch.ones_like(out), x, m, w, ratio, upd, *conv_args(s), [False, False, True])
     assert gi is None and gw is None and gb is not None
 
 
-def test_mask_gets_no_gradient(device):
+def test_mask_gets_no_gradient(backend):
+    device = backend.device
     s = SAMPLES[0]
     x, m, w, b = make_inputs(s, torch.float64, device, requires_grad=True)
     m.requires_grad_(True)
-    out, upd = run_op(x, m, w, b, s)
+    out, upd = run_op(backend, x, m, w, b, s)
     assert not upd.requires_grad
     out.sum().backward()
     assert m.grad is None and x.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_types_against_float32_reference(sample, device, dtype):
+def test_half_types_against_float32_reference(sample, backend, dtype):
+    device = backend.device
     x, m, w, b = make_inputs(sample, dtype, device, requires_grad=True)
-    out, upd = run_op(x, m, w, b, sample)
+    out, upd = run_op(backend, x, m, w, b, sample)
     assert out.dtype == dtype and upd.dtype == dtype
     x32, m32, w32, b32 = make_inputs(sample, torch.float32, device, requires_grad=True)
     # Compare against the reference fed the same (rounded) values, so only the computation's rounding counts.
@@ -132,7 +149,8 @@ def test_half_types_against_float32_reference(sample, device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_no_overflow_with_large_kernel_and_tiny_window_sums(device, dtype):
+def test_no_overflow_with_large_kernel_and_tiny_window_sums(backend, dtype):
+    device = backend.device
     # win = C_in * 7 * 7 = 3136 and S down to 1e-3: win / S ~ 3e6 is beyond fp16's range, and so is the reference's
     # win / 1e-8 where S == 0. The ratio is computed in float32 and multiplied into a bounded conv output.
     s = Sample("big", n=1, c_in=64, c_out=4, h=12, w=12, kernel=(7, 7), padding=(3, 3), multi_channel=True)
@@ -140,7 +158,7 @@ def test_no_overflow_with_large_kernel_and_tiny_window_sums(device, dtype):
     m = torch.zeros(1, 64, 12, 12, dtype=dtype, device=device)
     m[0, 0, 5, 5] = 1e-3
     m[0, :, 0, 0] = 1
-    out, upd = run_op(x, m, w, b, s)
+    out, upd = run_op(backend, x, m, w, b, s)
     out.sum().backward()
     for t in (out, upd, x.grad, w.grad, b.grad):
         assert torch.isfinite(t).all()
@@ -149,18 +167,20 @@ def test_no_overflow_with_large_kernel_and_tiny_window_sums(device, dtype):
     assert (out[:, :, 10:, 10:] == 0).all()  # windows with S == 0 are exactly 0
 
 
-def test_holes_give_exact_zero(device):
+def test_holes_give_exact_zero(backend):
+    device = backend.device
     s = Sample("holes", mask="holes")
     x, m, w, b = make_inputs(s, torch.float32, device)
-    out, upd = run_op(x, m, w, b, s)
+    out, upd = run_op(backend, x, m, w, b, s)
     hole = upd == 0
     assert hole.any()
     assert (out.masked_select(hole.expand_as(out)) == 0).all()
 
 
-def test_all_ones_border_ratio(device):
+def test_all_ones_border_ratio(backend):
+    device = backend.device
     # "Partial convolution based padding": a 3x3 window sees 6 pixels on an edge, 4 in a corner.
-    ratio, upd = pconv_cuda.mask_update(torch.ones(1, 1, 5, 5, device=device), 3, 1, 1)
+    ratio, upd = mask_update(backend, torch.ones(1, 1, 5, 5, device=device), 3, 1, 1)
     assert ratio[0, 0, 2, 2].item() == 1.0
     assert ratio[0, 0, 0, 2].item() == pytest.approx(1.5)
     assert ratio[0, 0, 0, 0].item() == pytest.approx(2.25)
@@ -168,20 +188,22 @@ def test_all_ones_border_ratio(device):
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8], ids=str)
-def test_bool_and_uint8_masks(device, mask_dtype):
+def test_bool_and_uint8_masks(backend, mask_dtype):
+    device = backend.device
     s = SAMPLES[0]
     x, m, w, b = make_inputs(s, torch.float32, device)
-    out, upd = run_op(x, m.to(mask_dtype), w, b, s)
-    ref_out, ref_upd = run_op(x, m, w, b, s)
+    out, upd = run_op(backend, x, m.to(mask_dtype), w, b, s)
+    ref_out, ref_upd = run_op(backend, x, m, w, b, s)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     torch.testing.assert_close(upd, ref_upd, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
-def test_layouts(device, layout):
+def test_layouts(backend, layout):
+    device = backend.device
     s = Sample("layout", multi_channel=True, mask="random")
     x, m, w, b = make_inputs(s, torch.float64, device)
-    want, want_upd = run_op(x, m, w, b, s)
+    want, want_upd = run_op(backend, x, m, w, b, s)
     if layout == "channels_last":
         xl, ml = x.to(memory_format=torch.channels_last), m.to(memory_format=torch.channels_last)
     else:
@@ -189,43 +211,46 @@ def test_layouts(device, layout):
         ml = torch.cat([m, m], dim=3)[..., : s.w]
         assert not xl.is_contiguous() and not ml.is_contiguous()
     xl.requires_grad_(True)
-    out, upd = run_op(xl, ml, w, b, s)
+    out, upd = run_op(backend, xl, ml, w, b, s)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(upd, want_upd, rtol=0, atol=0)
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
     out.sum().backward()
     x2 = x.clone().requires_grad_(True)
-    run_op(x2, m, w, b, s)[0].sum().backward()
+    run_op(backend, x2, m, w, b, s)[0].sum().backward()
     torch.testing.assert_close(xl.grad, x2.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_channels_last_grad_bias_and_weight(device):
+def test_channels_last_grad_bias_and_weight(backend):
+    device = backend.device
     s = Sample("cl", n=3, c_in=5, c_out=7, h=40, w=40, mask="holes")  # > 1 chunk of the NHWC grad pass
     x, m, w, b = make_inputs(s, torch.float64, device, requires_grad=True)
-    run_op(x, m, w, b, s)[0].pow(2).sum().backward()
+    run_op(backend, x, m, w, b, s)[0].pow(2).sum().backward()
     xl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
     w2, b2 = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
-    run_op(xl, m, w2, b2, s)[0].pow(2).sum().backward()
+    run_op(backend, xl, m, w2, b2, s)[0].pow(2).sum().backward()
     torch.testing.assert_close(b2.grad, b.grad, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(w2.grad, w.grad, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(xl.grad, x.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_empty_batch(device):
+def test_empty_batch(backend):
+    device = backend.device
     s = Sample("empty", n=0, mask_batch=0)
     x, m, w, b = make_inputs(s, torch.float32, device, requires_grad=True)
-    out, upd = run_op(x, m, w, b, s)
+    out, upd = run_op(backend, x, m, w, b, s)
     assert out.shape == (0, 6, 9, 8) and upd.shape == (0, 1, 9, 8)
     out.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
-def test_mask_update_matches_reference(sample, device):
+def test_mask_update_matches_reference(sample, backend):
+    device = backend.device
     _, m, w, _ = make_inputs(sample, torch.float64, device)
     if m is None:
         pytest.skip("mask_update needs a mask")
-    ratio, upd = pconv_cuda.mask_update(m, sample.kernel, sample.stride, sample.padding, sample.dilation,
+    ratio, upd = backend.ops.mask_update(m, sample.kernel, sample.stride, sample.padding, sample.dilation,
                                         sample.multi_channel)
     ones = torch.ones(1, m.shape[1], *sample.kernel, dtype=m.dtype)
     s_ref = torch.nn.functional.conv2d(m, ones, None, sample.stride, sample.padding, sample.dilation)
@@ -236,42 +261,46 @@ def test_mask_update_matches_reference(sample, device):
     torch.testing.assert_close(upd, u_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_mask_update_dtypes(device):
+def test_mask_update_dtypes(backend):
+    device = backend.device
     m = torch.ones(2, 1, 6, 6, dtype=torch.bool, device=device)
-    ratio, upd = pconv_cuda.mask_update(m, 3, padding=1)
+    ratio, upd = mask_update(backend, m, 3, padding=1)
     assert ratio.dtype == torch.float32 and upd.dtype == torch.float32
-    ratio, upd = pconv_cuda.mask_update(m.half(), 3, padding=1)
+    ratio, upd = mask_update(backend, m.half(), 3, padding=1)
     assert ratio.dtype == torch.float32 and upd.dtype == torch.float16
-    ratio, upd = pconv_cuda.mask_update(m.double(), 3, padding=1)
+    ratio, upd = mask_update(backend, m.double(), 3, padding=1)
     assert ratio.dtype == torch.float64 and upd.dtype == torch.float64
 
 
-def test_mask_none_equals_all_ones(device):
+def test_mask_none_equals_all_ones(backend):
+    device = backend.device
     for s in (Sample("n", mask="none"), Sample("nm", mask="none", multi_channel=True, padding=(2, 0), h=5)):
         x, _, w, b = make_inputs(s, torch.float64, device)
         ones = torch.ones(1, s.c_in if s.multi_channel else 1, s.h, s.w, dtype=torch.float64)
-        out, upd = run_op(x, None, w, b, s)
-        want, want_upd = run_op(x, ones, w, b, s)
+        out, upd = run_op(backend, x, None, w, b, s)
+        want, want_upd = run_op(backend, x, ones, w, b, s)
         torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
         torch.testing.assert_close(upd, want_upd, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("s", [SAMPLES[0], with_(SAMPLES[0], mask="none"), with_(SAMPLES[0], multi_channel=True)],
                          ids=str)
-def test_opcheck(device, s):
+def test_opcheck(backend, s):
+    device = backend.device
     for requires_grad in (False, True):
         x, m, w, b = make_inputs(s, torch.float64, device, requires_grad=requires_grad)
-        torch.library.opcheck(torch.ops.pconv_cuda.partial_conv2d.default, (x, m, w, b, *conv_args(s)))
-        out, upd, ratio = torch.ops.pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))
-        torch.library.opcheck(torch.ops.pconv_cuda._partial_conv2d_backward.default,
+        torch.library.opcheck(backend.ops.partial_conv2d.default, (x, m, w, b, *conv_args(s)))
+        out, upd, ratio = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
+        torch.library.opcheck(backend.ops._partial_conv2d_backward.default,
                               (torch.randn_like(out), x.detach(), m, w.detach(), ratio, upd, *conv_args(s),
                                [True, True, requires_grad]))
     if m is not None:
-        torch.library.opcheck(torch.ops.pconv_cuda.mask_update.default,
+        torch.library.opcheck(backend.ops.mask_update.default,
                               (m, s.kernel, s.stride, s.padding, s.dilation, s.multi_channel))
 
 
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(main_backend):
+    device = main_backend.device
     layer = pconv_cuda.PartialConv2d(4, 6, 3, padding=1, return_mask=True, multi_channel=True).to(device)
     x = torch.randn(2, 4, 9, 8, device=device, requires_grad=True)
     m = (torch.rand(2, 4, 9, 8, device=device) > 0.3).float()
@@ -307,11 +336,11 @@ def test_cpu_routes_agree(sample, route, monkeypatch):
     # Both CPU routes (ATen conv on X*M, and masked im2col + GEMM) give the same forward and gradients.
     x, m, w, b = make_inputs(sample, torch.float64, "cpu", requires_grad=True)
     monkeypatch.setenv("PCONV_CPU_ROUTE", route)
-    out, upd = run_op(x, m, w, b, sample)
+    out, upd = run_op(CPU, x, m, w, b, sample)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], grad)
     monkeypatch.setenv("PCONV_CPU_ROUTE", "vendor" if route == "one_pass" else "one_pass")
-    out2, upd2 = run_op(x, m, w, b, sample)
+    out2, upd2 = run_op(CPU, x, m, w, b, sample)
     want = torch.autograd.grad(out2, [t for t in (x, w, b) if t is not None], grad)
     torch.testing.assert_close(out, out2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(upd, upd2, rtol=0, atol=0)
@@ -331,13 +360,21 @@ def test_one_pass_route_half_types(dtype, monkeypatch):
     s = Sample("half", multi_channel=True, mask="holes")
     x, m, w, b = make_inputs(s, dtype, "cpu")
     monkeypatch.setenv("PCONV_CPU_ROUTE", "one_pass")
-    out, _ = run_op(x, m.bool(), w, b, s)
+    out, _ = run_op(CPU, x, m.bool(), w, b, s)
     monkeypatch.setenv("PCONV_CPU_ROUTE", "vendor")
-    want, _ = run_op(x, m.bool(), w, b, s)
+    want, _ = run_op(CPU, x, m.bool(), w, b, s)
     torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
 
 
 def test_bad_route_variable(monkeypatch):
     monkeypatch.setenv("PCONV_CPU_ROUTE", "fastest")
     with pytest.raises(RuntimeError, match=r"PCONV_CPU_ROUTE must be 'auto', 'vendor' or 'one_pass', got 'fastest'"):
-        run_op(*make_inputs(SAMPLES[0], torch.float32), SAMPLES[0])
+        run_op(CPU, *make_inputs(SAMPLES[0], torch.float32), SAMPLES[0])
+
+
+def test_bad_cuda_route_variable(monkeypatch):
+    import pconv_cuda.emu  # noqa: F401
+
+    monkeypatch.setenv("PCONV_CUDA_ROUTE", "fastest")
+    with pytest.raises(RuntimeError, match=r"PCONV_CUDA_ROUTE must be 'auto', 'vendor' or 'one_pass', got 'fastest'"):
+        torch.ops.pconv_cuda_emu.partial_conv2d(*make_inputs(SAMPLES[0], torch.float32), *conv_args(SAMPLES[0]))

@@ -104,6 +104,32 @@ Geometry check_conv_args(const char* op, const at::Tensor& input, const c10::opt
   return g;
 }
 
+namespace {
+void check_map(const char* op, const char* name, const at::Tensor& t, const Geometry& g, at::ScalarType dtype,
+               const at::Tensor& input) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.mask_batch && t.size(1) == 1 && t.size(2) == g.Ho &&
+                  t.size(3) == g.Wo,
+              op, ": ", name, " must have shape (", g.mask_batch, ", 1, ", g.Ho, ", ", g.Wo, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+              input.device());
+}
+}  // namespace
+
+void check_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& ratio,
+                         const at::Tensor& updated_mask, const at::Tensor& input, const Geometry& g) {
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C_out &&
+                  grad_output.size(2) == g.Ho && grad_output.size(3) == g.Wo,
+              op, ": grad_output must have shape (", g.N, ", ", g.C_out, ", ", g.Ho, ", ", g.Wo, "), got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output dtype ",
+              grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), op, ": grad_output is on ", grad_output.device(),
+              " but input is on ", input.device());
+  check_map(op, "ratio", ratio, g, ratio_dtype(input.scalar_type()), input);
+  check_map(op, "updated_mask", updated_mask, g, input.scalar_type(), input);
+}
+
 Geometry check_mask_update_args(const at::Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
   const char* op = "pconv_cuda::mask_update";

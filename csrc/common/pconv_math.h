@@ -16,6 +16,22 @@ struct Window {
   int64_t dh, dw;
 };
 
+// Everything an op needs to know about one call, derived once from checked arguments.
+struct Geometry {
+  int64_t N, C_in, H, W;  // input
+  int64_t C_out;          // weight.size(0)
+  int64_t Ho, Wo;         // output spatial size
+  int64_t mask_batch;     // 1 or N (1 also for mask=None)
+  int64_t mask_channels;  // 1, C_in (multi-channel), or 0 for mask=None
+  int64_t groups;
+  bool multi_channel;
+  Window win;
+  // sum(1) over a window: kh*kw, times C_in for a multi-channel mask.
+  C10_HOST_DEVICE double window_size() const {
+    return static_cast<double>(win.kh * win.kw * (multi_channel ? C_in : 1));
+  }
+};
+
 C10_HOST_DEVICE inline int64_t conv_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
   return (in + 2 * p - d * (k - 1) - 1) / s + 1;
 }
@@ -48,6 +64,27 @@ C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t H, int64_t
       const int64_t x = w0 + j * w.dw;
       if (x < 0 || x >= W) continue;
       s += static_cast<acc_t>(plane[h * W + x]);
+    }
+  }
+  return s;
+}
+
+// window_sum that also reports whether any value it read lies outside [0, 1] (or is NaN).
+template <typename acc_t, typename plane_t>
+C10_HOST_DEVICE inline acc_t window_sum_checked(const plane_t* plane, int64_t H, int64_t W, const Window& w,
+                                                int64_t oh, int64_t ow, bool* invalid) {
+  acc_t s = acc_t(0);
+  const int64_t h0 = oh * w.sh - w.ph;
+  const int64_t w0 = ow * w.sw - w.pw;
+  for (int64_t i = 0; i < w.kh; ++i) {
+    const int64_t h = h0 + i * w.dh;
+    if (h < 0 || h >= H) continue;
+    for (int64_t j = 0; j < w.kw; ++j) {
+      const int64_t x = w0 + j * w.dw;
+      if (x < 0 || x >= W) continue;
+      const acc_t v = static_cast<acc_t>(plane[h * W + x]);
+      *invalid |= !(v >= acc_t(0) && v <= acc_t(1));
+      s += v;
     }
   }
   return s;

@@ -376,16 +376,6 @@ Route choose_route(const Tensor& input, const Geometry& g) {
 // ---------------------------------------------------------------------------------------------------------------
 // Entry points.
 
-void check_map(const char* op, const char* name, const Tensor& t, const Geometry& g, at::ScalarType dtype,
-               const Tensor& input) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.mask_batch && t.size(1) == 1 && t.size(2) == g.Ho &&
-                  t.size(3) == g.Wo,
-              op, ": ", name, " must have shape (", g.mask_batch, ", 1, ", g.Ho, ", ", g.Wo, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
-              input.device());
-}
-
 std::tuple<Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& input, const c10::optional<Tensor>& mask,
                                                       const Tensor& weight, const c10::optional<Tensor>& bias,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
@@ -426,14 +416,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(
   const Geometry g =
       check_conv_args(op, input, mask, weight, c10::nullopt, stride, padding, dilation, groups, multi_channel);
   TORCH_INTERNAL_ASSERT(input.device().is_cpu());
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C_out &&
-                  grad_output.size(2) == g.Ho && grad_output.size(3) == g.Wo,
-              op, ": grad_output must have shape (", g.N, ", ", g.C_out, ", ", g.Ho, ", ", g.Wo, "), got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output dtype ",
-              grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
-  check_map(op, "ratio", ratio, g, ratio_dtype(input.scalar_type()), input);
-  check_map(op, "updated_mask", update, g, input.scalar_type(), input);
+  check_backward_args(op, grad_output, ratio, update, input, g);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const at::MemoryFormat fmt = input.suggest_memory_format();
 
