@@ -46,7 +46,9 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
   const scalar_t* x = x_t ? x_t->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* xm = xm_t ? xm_t->mutable_data_ptr<scalar_t>() : nullptr;
   std::atomic<bool> invalid{false};
-  at::parallel_for(0, N * HW, grain_for(C), [&](int64_t begin, int64_t end) {
+  // NCHW reads C rows per run of pixels: runs of >= 4096 pixels keep each row segment long enough to stream.
+  const int64_t grain = nhwc ? grain_for(C) : std::max<int64_t>(4096, grain_for(C));
+  at::parallel_for(0, N * HW, grain, [&](int64_t begin, int64_t end) {
     bool bad = false;
     if (nhwc) {
       for (int64_t i = begin; i < end; ++i) {
