@@ -152,8 +152,8 @@ def test_bench_model_runs(tmp_path):
 # Two programs suffice: the examples share their import set-up, and each start costs a torch import.
 @pytest.mark.parametrize("script", ["examples/train_inpainting.py", "benchmarks/bench_model.py"])
 def test_scripts_run_as_programs(script):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, env=env,
+    # The scripts import the installed pconv_cuda (the source tree has no compiled ops in CI).
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
