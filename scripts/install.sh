@@ -16,6 +16,6 @@ if ! MAX_JOBS=${MAX_JOBS:-2} .venv/bin/pip install -v --no-build-isolation ".[te
     echo "install.sh: building pconv_cuda failed (full log: $log)" >&2
     exit 1
 fi
-grep -E "^pconv_cuda:" "$log" || true
+grep -E "pconv_cuda: building" "$log" | sed "s/^ *//" || true
 # Import the installed package, not the source tree.
 (cd / && "$ROOT/.venv/bin/python" -c "import pconv_cuda; print('pconv_cuda', pconv_cuda.__version__, 'installed')")

@@ -50,29 +50,17 @@ C10_HOST_DEVICE inline void ratio_and_update(acc_t s, acc_t win, acc_t* ratio, a
   }
 }
 
-// Sum of one zero-padded (H, W) plane over the window of output pixel (oh, ow).
-template <typename acc_t, typename plane_t>
-C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t H, int64_t W, const Window& w, int64_t oh,
-                                        int64_t ow) {
-  acc_t s = acc_t(0);
-  const int64_t h0 = oh * w.sh - w.ph;
-  const int64_t w0 = ow * w.sw - w.pw;
-  for (int64_t i = 0; i < w.kh; ++i) {
-    const int64_t h = h0 + i * w.dh;
-    if (h < 0 || h >= H) continue;
-    for (int64_t j = 0; j < w.kw; ++j) {
-      const int64_t x = w0 + j * w.dw;
-      if (x < 0 || x >= W) continue;
-      s += static_cast<acc_t>(plane[h * W + x]);
-    }
-  }
-  return s;
+// A mask value is usable when it lies in [0, 1]; the negated form also rejects NaN.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool mask_value_invalid(acc_t v) {
+  return !(v >= acc_t(0) && v <= acc_t(1));
 }
 
-// window_sum that also reports whether any value it read lies outside [0, 1] (or is NaN).
+// Sum of one zero-padded (H, W) plane over the window of output pixel (oh, ow). With `invalid`, also reports
+// whether any value it read lies outside [0, 1] (or is NaN).
 template <typename acc_t, typename plane_t>
-C10_HOST_DEVICE inline acc_t window_sum_checked(const plane_t* plane, int64_t H, int64_t W, const Window& w,
-                                                int64_t oh, int64_t ow, bool* invalid) {
+C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t H, int64_t W, const Window& w, int64_t oh,
+                                        int64_t ow, bool* invalid = nullptr) {
   acc_t s = acc_t(0);
   const int64_t h0 = oh * w.sh - w.ph;
   const int64_t w0 = ow * w.sw - w.pw;
@@ -83,7 +71,7 @@ C10_HOST_DEVICE inline acc_t window_sum_checked(const plane_t* plane, int64_t H,
       const int64_t x = w0 + j * w.dw;
       if (x < 0 || x >= W) continue;
       const acc_t v = static_cast<acc_t>(plane[h * W + x]);
-      *invalid |= !(v >= acc_t(0) && v <= acc_t(1));
+      if (invalid != nullptr) *invalid |= mask_value_invalid(v);
       s += v;
     }
   }
@@ -106,12 +94,6 @@ C10_HOST_DEVICE inline int64_t taps_in_bounds(int64_t o, int64_t k, int64_t s, i
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t renormalise(acc_t raw, acc_t ratio, acc_t bias, acc_t update) {
   return raw * ratio + bias * update;
-}
-
-// A mask value is usable when it lies in [0, 1]; the negated form also rejects NaN.
-template <typename acc_t>
-C10_HOST_DEVICE inline bool mask_value_invalid(acc_t v) {
-  return !(v >= acc_t(0) && v <= acc_t(1));
 }
 
 }  // namespace pconv

@@ -60,7 +60,7 @@ __global__ void mask_kernel(const mask_t* __restrict__ mask, Geometry g, acc_t* 
     bool invalid = false;
     if (mask != nullptr) {
       for (int64_t c = 0; c < g.mask_channels; ++c) {
-        s += window_sum_checked<acc_t>(mask + (n * g.mask_channels + c) * HW, g.H, g.W, g.win, oh, ow, &invalid);
+        s += window_sum<acc_t>(mask + (n * g.mask_channels + c) * HW, g.H, g.W, g.win, oh, ow, &invalid);
       }
     } else {
       s = static_cast<acc_t>(taps_in_bounds(oh, g.win.kh, g.win.sh, g.win.ph, g.win.dh, g.H) *
@@ -215,7 +215,7 @@ __global__ void one_pass_forward_kernel(const scalar_t* __restrict__ x, const ma
           v = xv * mv;
           if (g.mask_channels > 1 || c == 0) {  // a single-channel mask is summed over the taps once
             s += mv;
-            invalid |= !(mv >= acc_t(0) && mv <= acc_t(1));
+            invalid |= mask_value_invalid(mv);
           }
         } else {
           v = xv;
