@@ -1,5 +1,6 @@
 // CPU kernels of the pconv_cuda ops (design.md section 2): the mask pass, the fused epilogue and the fused
-// grad_output pass are ours; the convolution itself is ATen's (oneDNN) on X*M.
+// grad_output pass are ours; the convolution is ATen's (oneDNN) on X*M (vendor route), or a GEMM over a masked
+// im2col (one-pass route, small output maps; see choose_route).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
