@@ -34,7 +34,9 @@ inline Route choose_route(const Geometry& g, at::ScalarType dtype) {
   const std::string choice = env ? env : "auto";
   TORCH_CHECK(choice == "auto" || choice == "vendor" || choice == "one_pass",
               "PCONV_CUDA_ROUTE must be 'auto', 'vendor' or 'one_pass', got '", choice, "'");
-  const bool supported = g.groups == 1 || !g.multi_channel || g.mask_channels == 0;
+  // gridDim.y holds the channel tiles (one-pass) and the channels (grad kernel): at most 65535.
+  const bool supported = (g.groups == 1 || !g.multi_channel || g.mask_channels == 0) &&
+                         ceil_div(g.C_out / g.groups, kTileM) * g.groups <= kMaxGridY;
   if (choice == "vendor" || !supported) return Route::Vendor;
   if (choice == "one_pass") return Route::OnePass;
   const int64_t K = (g.C_in / g.groups) * g.win.kh * g.win.kw;
@@ -114,6 +116,8 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward(
   const Geometry g =
       check_conv_args(op, input, mask, weight, c10::nullopt, stride, padding, dilation, groups, multi_channel);
   check_backward_args(op, grad_output, ratio, update, input, g);
+  TORCH_CHECK(g.C_out <= kMaxGridY, op, ": the CUDA backward supports at most ", kMaxGridY,
+              " output channels, got ", g.C_out);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const at::MemoryFormat fmt = input.suggest_memory_format();
   const Tensor dy = grad_output.contiguous();

@@ -28,6 +28,7 @@ struct LaunchConfig {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridX = 65535;  // grid-stride kernels cap their grid here
+constexpr int64_t kMaxGridY = 65535;  // the hardware limit of gridDim.y
 
 C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
