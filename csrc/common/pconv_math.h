@@ -5,8 +5,13 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace pconv {
+
+// The accumulation type: double for double, float for float and the half types.
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Convolution window of one spatial dimension pair: kernel, stride, padding, dilation.
 struct Window {
@@ -88,6 +93,12 @@ C10_HOST_DEVICE inline int64_t taps_in_bounds(int64_t o, int64_t k, int64_t s, i
     n += (x >= 0 && x < size) ? 1 : 0;
   }
   return n;
+}
+
+// S of an all-ones mask (mask=None) at output pixel (oh, ow).
+C10_HOST_DEVICE inline int64_t all_ones_window_sum(const Geometry& g, int64_t oh, int64_t ow) {
+  return taps_in_bounds(oh, g.win.kh, g.win.sh, g.win.ph, g.win.dh, g.H) *
+         taps_in_bounds(ow, g.win.kw, g.win.sw, g.win.pw, g.win.dw, g.W) * (g.multi_channel ? g.C_in : 1);
 }
 
 // The epilogue: Y = raw * ratio + b * U (bias removed in holes, renormalised elsewhere).

@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -135,14 +134,10 @@ void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t*
 template <typename acc_t, typename update_t>
 void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* update) {
   const acc_t win = static_cast<acc_t>(g.window_size());
-  const acc_t per_tap = static_cast<acc_t>(g.multi_channel ? g.C_in : 1);
-  std::vector<int64_t> taps_w(g.Wo);
-  for (int64_t ow = 0; ow < g.Wo; ++ow) taps_w[ow] = taps_in_bounds(ow, g.win.kw, g.win.sw, g.win.pw, g.win.dw, g.W);
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
-    const int64_t th = taps_in_bounds(oh, g.win.kh, g.win.sh, g.win.ph, g.win.dh, g.H);
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       acc_t r, u;
-      ratio_and_update(static_cast<acc_t>(th * taps_w[ow]) * per_tap, win, &r, &u);
+      ratio_and_update(static_cast<acc_t>(all_ones_window_sum(g, oh, ow)), win, &r, &u);
       ratio[oh * g.Wo + ow] = r;
       update[oh * g.Wo + ow] = static_cast<update_t>(u);
     }
@@ -168,7 +163,7 @@ Tensor run_mask_pass(const char* op, const c10::optional<Tensor>& mask, const Ge
   bool valid = true;
   // scalar_t is the masked input's type; for a mask-only pass, the accumulation type stands in for it.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input ? input->scalar_type() : acc_dtype, "pconv_mask", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type_t<scalar_t>;
     using x_t = scalar_t;
     AT_DISPATCH_V2(m.scalar_type(), "pconv_mask_pass", AT_WRAP([&] {
       valid = mask_pass_kernel<x_t, scalar_t, acc_t>(m, want_plane ? plane.mutable_data_ptr<acc_t>() : nullptr,
@@ -300,7 +295,7 @@ void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t*
 template <typename scalar_t, typename mask_t>
 void masked_im2col_kernel(const scalar_t* x, const mask_t* m, int64_t mask_channels, int64_t c0, int64_t Cg,
                           const Geometry& g, scalar_t* cols) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type_t<scalar_t>;
   const Window& w = g.win;
   const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W;
   at::parallel_for(0, Cg * w.kh * w.kw, grain_for(HWo), [&](int64_t begin, int64_t end) {
@@ -366,10 +361,7 @@ enum class Route { Vendor, OnePass };
 // README.md ("CPU routes"): on small output maps oneDNN's per-call cost dominates and a GEMM over the masked
 // im2col wins (0.6x-0.9x of the vendor route at 4..64 output pixels); on large maps im2col's traffic loses (up to 9x).
 Route choose_route(const Tensor& input, const Geometry& g) {
-  const char* env = std::getenv("PCONV_CPU_ROUTE");
-  const std::string choice = env ? env : "auto";
-  TORCH_CHECK(choice == "auto" || choice == "vendor" || choice == "one_pass",
-              "PCONV_CPU_ROUTE must be 'auto', 'vendor' or 'one_pass', got '", choice, "'");
+  const std::string choice = route_choice("PCONV_CPU_ROUTE");
   if (choice == "vendor") return Route::Vendor;
   const bool nchw = input.suggest_memory_format() == at::MemoryFormat::Contiguous;
   if (choice == "one_pass") return nchw ? Route::OnePass : Route::Vendor;  // the one-pass route is NCHW only
@@ -404,7 +396,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& input, const
                          .contiguous(fmt);
   const Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pconv_epilogue", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type_t<scalar_t>;
     epilogue_kernel<scalar_t, acc_t>(out, ratio.const_data_ptr<acc_t>(), update.const_data_ptr<scalar_t>(),
                                      b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, g);
   });
@@ -429,7 +421,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(
   Tensor gy = at::empty_like(dy, dy.options(), fmt);
   Tensor db = need_bias ? at::empty({g.C_out}, input.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pconv_grad_output", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_type_t<scalar_t>;
     grad_output_kernel<scalar_t, acc_t>(dy, gy, db.defined() ? db.mutable_data_ptr<scalar_t>() : nullptr,
                                         r.const_data_ptr<acc_t>(), u.const_data_ptr<scalar_t>(), g);
   });

@@ -7,7 +7,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 
-#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -19,9 +18,6 @@ namespace cuda {
 
 using at::Tensor;
 
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 enum class Route { Vendor, OnePass };
 
 // PCONV_CUDA_ROUTE=auto|vendor|one_pass (default auto). The auto rule is reasoned, not measured (no GPU was
@@ -30,10 +26,7 @@ enum class Route { Vendor, OnePass };
 // C_in/groups*kh*kw <= 1024; cuDNN keeps everything else (and half types, for its tensor cores). A multi-channel
 // mask with groups > 1 always takes the vendor route (the one-pass kernel sums S within one group).
 inline Route choose_route(const Geometry& g, at::ScalarType dtype) {
-  const char* env = std::getenv("PCONV_CUDA_ROUTE");
-  const std::string choice = env ? env : "auto";
-  TORCH_CHECK(choice == "auto" || choice == "vendor" || choice == "one_pass",
-              "PCONV_CUDA_ROUTE must be 'auto', 'vendor' or 'one_pass', got '", choice, "'");
+  const std::string choice = route_choice("PCONV_CUDA_ROUTE");
   // gridDim.y holds the channel tiles (one-pass) and the channels (grad kernel): at most 65535.
   const bool supported = (g.groups == 1 || !g.multi_channel || g.mask_channels == 0) &&
                          ceil_div(g.C_out / g.groups, kTileM) * g.groups <= kMaxGridY;

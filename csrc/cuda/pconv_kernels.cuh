@@ -64,9 +64,7 @@ __global__ void mask_kernel(const mask_t* __restrict__ mask, Geometry g, acc_t* 
         s += window_sum<acc_t>(mask + (n * g.mask_channels + c) * HW, g.H, g.W, g.win, oh, ow, &invalid);
       }
     } else {
-      s = static_cast<acc_t>(taps_in_bounds(oh, g.win.kh, g.win.sh, g.win.ph, g.win.dh, g.H) *
-                             taps_in_bounds(ow, g.win.kw, g.win.sw, g.win.pw, g.win.dw, g.W) *
-                             (g.multi_channel ? g.C_in : 1));
+      s = static_cast<acc_t>(all_ones_window_sum(g, oh, ow));
     }
     acc_t r, u;
     ratio_and_update(s, win, &r, &u);
@@ -244,9 +242,7 @@ __global__ void one_pass_forward_kernel(const scalar_t* __restrict__ x, const ma
       any_invalid |= bad_part[kk][tx] != 0;
     }
   } else {
-    s_total = static_cast<acc_t>(taps_in_bounds(oh, g.win.kh, g.win.sh, g.win.ph, g.win.dh, g.H) *
-                                 taps_in_bounds(ow, g.win.kw, g.win.sw, g.win.pw, g.win.dw, g.W) *
-                                 (g.multi_channel ? g.C_in : 1));
+    s_total = static_cast<acc_t>(all_ones_window_sum(g, oh, ow));
   }
   acc_t r_val, u_val;
   ratio_and_update(s_total, static_cast<acc_t>(g.window_size()), &r_val, &u_val);
