@@ -1,5 +1,7 @@
 """Builds pconv_cuda._C: the CPU kernels always; the CUDA sources when a CUDA toolkit and a CUDA build of torch
-are present (no GPU needed). FORCE_CUDA=1 / FORCE_CUDA=0 override; TORCH_CUDA_ARCH_LIST overrides the arch list."""
+are present (no GPU needed). FORCE_CUDA=1 / FORCE_CUDA=0 override; TORCH_CUDA_ARCH_LIST overrides the arch list.
+PCONV_BUILD_EMU=1 also builds pconv_cuda._emu, the CUDA kernels under the SIMT emulation (test tooling, CPU only).
+"""
 import glob
 import os
 import sys
@@ -46,8 +48,11 @@ def write_build_info(with_cuda, archs):
 
 def extensions():
     with_cuda, why = cuda_decision()
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    common = sorted(glob.glob("csrc/common/*.cpp"))
+    sources = ["csrc/library.cpp"] + common + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # The C++ uses C++20 (templated lambdas, std::type_identity_t, std::atomic_ref): said explicitly, since older
+    # torch.utils.cpp_extension versions pass -std=c++17.
+    cxx = ["-O3", "-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     archs = ""
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
@@ -56,15 +61,18 @@ def extensions():
         ext = cpp_extension.CUDAExtension(
             "pconv_cuda._C", sources,
             define_macros=[("PCONV_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
         )
     else:
         print(f"pconv_cuda: building CPU kernels only ({why})", flush=True)
         ext = cpp_extension.CppExtension("pconv_cuda._C", sources, extra_compile_args=cxx)
     write_build_info(with_cuda, archs)
-    # The CUDA kernels under the SIMT emulation, on the CPU: built always, so CI runs them without a GPU.
-    emu = cpp_extension.CppExtension(
-        "pconv_cuda._emu", ["csrc/cuda/emu/pconv_emu.cpp", "csrc/common/pconv_args.cpp"], extra_compile_args=cxx)
+    if os.environ.get("PCONV_BUILD_EMU") != "1":
+        return [ext]
+    # The CUDA kernels under the SIMT emulation, on the CPU: test tooling, so CI runs them without a GPU.
+    print("pconv_cuda: also building the SIMT emulation (PCONV_BUILD_EMU=1)", flush=True)
+    emu = cpp_extension.CppExtension("pconv_cuda._emu", ["csrc/cuda/emu/emu_backend.cpp"] + common,
+                                     extra_compile_args=cxx)
     return [ext, emu]
 
 

@@ -1,20 +1,26 @@
-"""Fused partial convolution vs the unfused reference vs the plain convolution, measured in one process.
+"""Fused partial convolution vs the unfused reference vs a pure-PyTorch peer vs the plain convolution, in one process.
 
 For each layer of the paper's U-Net at 256x256 (encoder 3->64 k7 s2 ... 512->512 k3 s2, decoder
-(512+512)->512 k3 ... (64+3)->3 k3), each mask kind, batch size and pass (forward, forward+backward), the three
-variants run interleaved and the median of each is reported with two ratios:
+(512+512)->512 k3 ... (64+3)->3 k3), each mask kind, batch size and pass (forward, forward+backward), the four
+variants run interleaved and the median of each is reported with three ratios:
   fused/plain  how far the fused op is from the floor (the plain nn.Conv2d of the same shape),
-  ref/fused    the speed-up over the unfused reference (pconv_cuda.reference, NVIDIA's algorithm).
+  ref/fused    the speed-up over the unfused reference (pconv_cuda.reference, NVIDIA's algorithm),
+  fused/peer   the fused op against the best layer a user writes in plain PyTorch (peer.py, what torch_pconv does:
+               one channel-summed mask plane, a single-channel ones convolution, same semantics); < 1: fused faster.
 
-    python benchmarks/bench.py                  # CPU, all cases
-    python benchmarks/bench.py --quick          # batch 1, fewer repeats
-    python benchmarks/bench.py --json out.json  # also write the rows as JSON
+    python benchmarks/bench.py                         # CPU, all cases
+    python benchmarks/bench.py --quick                 # batch 1, fewer repeats
+    python benchmarks/bench.py --quick --layers enc1,dec1
+    python benchmarks/bench.py --json out.json         # also write the rows as JSON
+    python benchmarks/bench.py --plot bench.png        # per-layer ratio bars at batch 1 (needs matplotlib)
 CUDA rows (CUDA-event timing after warm-up, peak memory) run when a GPU is present and pconv_cuda has CUDA
-kernels, once per CUDA route (--cuda-routes, default both: the vendor route and the one-pass kernel).
+kernels, once per CUDA route (--cuda-routes, default both: aten_conv, i.e. cuDNN plus our passes, and gemm, our
+implicit-GEMM kernel; "auto" measures what users get by default).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -28,6 +34,9 @@ import torch.nn.functional as F
 
 import pconv_cuda
 from pconv_cuda import reference
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peer import peer_partial_conv2d  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,8 @@ class Row:
     fused_ms: float
     fused_over_plain: float
     reference_over_fused: float
+    peer_ms: float
+    fused_over_peer: float
     peak_mb: Optional[Dict[str, float]] = None
 
 
@@ -88,6 +99,7 @@ def variants(x, m, conv, multi: bool) -> Dict[str, Callable[[torch.Tensor], torc
         "plain": lambda x: F.conv2d(x, w, b, s, p),
         "reference": lambda x: reference.partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
         "fused": lambda x: pconv_cuda.partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
+        "peer": lambda x: peer_partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
     }
 
 
@@ -143,12 +155,13 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock) -> Ro
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(repeats):
         # Interleaved and rotated so that drift on a shared machine hits every variant alike.
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(clock.time_ms(lambda: step(fns[name])))
     med = {n: statistics.median(t) for n, t in times.items()}
     return Row(device, layer.name, f"{layer.c_in}->{layer.c_out} k{layer.k} s{layer.stride} @{layer.size}",
                "multi" if multi else "single", batch, "fwd+bwd" if backward else "fwd", med["plain"],
-               med["reference"], med["fused"], med["fused"] / med["plain"], med["reference"] / med["fused"], peak)
+               med["reference"], med["fused"], med["fused"] / med["plain"], med["reference"] / med["fused"],
+               med["peer"], med["fused"] / med["peer"], peak)
 
 
 def summarise(rows: List[Row]) -> List[str]:
@@ -161,8 +174,73 @@ def summarise(rows: List[Row]) -> List[str]:
                     lines.append(
                         f"{device:5s} {pass_:8s} {mask:6s} mask: median fused/plain "
                         f"{statistics.median(r.fused_over_plain for r in sel):.2f}x, median ref/fused "
-                        f"{statistics.median(r.reference_over_fused for r in sel):.2f}x over {len(sel)} cases")
+                        f"{statistics.median(r.reference_over_fused for r in sel):.2f}x, median fused/peer "
+                        f"{statistics.median(r.fused_over_peer for r in sel):.2f}x over {len(sel)} cases")
+    for p in peer_summary(rows):
+        lines.append(f"{p['device']:5s} {p['pass']:8s} fused/peer over {p['layers']} layers: median "
+                     f"{p['median_fused_over_peer']:.2f}x, worst {p['worst_fused_over_peer']:.2f}x "
+                     f"({p['worst_layer']}; < 1: fused faster)")
     return lines
+
+
+def peer_summary(rows: List[Row]) -> List[dict]:
+    """Per device and pass: the median over layers of fused/peer and the worst (largest) layer.
+
+    A layer's fused/peer is the median over its cases (mask kinds and batch sizes) in that pass."""
+    out = []
+    for device in sorted({r.device for r in rows}):
+        for pass_ in ("fwd", "fwd+bwd"):
+            per_layer: Dict[str, List[float]] = {}
+            for r in rows:
+                if r.device == device and r.pass_ == pass_:
+                    per_layer.setdefault(r.layer, []).append(r.fused_over_peer)
+            if not per_layer:
+                continue
+            layer_ratio = {name: statistics.median(v) for name, v in per_layer.items()}
+            worst = max(layer_ratio, key=layer_ratio.get)
+            out.append({"device": device, "pass": pass_, "layers": len(layer_ratio),
+                        "median_fused_over_peer": statistics.median(layer_ratio.values()),
+                        "worst_fused_over_peer": layer_ratio[worst], "worst_layer": worst})
+    return out
+
+
+def plot(rows: List[Row], path: str) -> Optional[str]:
+    """Per-layer bars of fused/plain, fused/peer and ref/fused at batch 1, one panel per device, pass and mask kind.
+
+    Returns None when written, else why not (matplotlib missing, no batch-1 rows)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    sel = [r for r in rows if r.batch == 1]
+    if not sel:
+        return "no batch-1 rows (add 1 to --batch)"
+    panels = [(d, p, m) for d in dict.fromkeys(r.device for r in sel) for p in ("fwd", "fwd+bwd")
+              for m in ("single", "multi") if any(r.device == d and r.pass_ == p and r.mask == m for r in sel)]
+    series = [("fused/plain", "fused_over_plain"), ("fused/peer", "fused_over_peer"),
+              ("ref/fused", "reference_over_fused")]
+    n_layers = len({r.layer for r in sel})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.75 * n_layers + 2), 3.2 * len(panels)),
+                             squeeze=False)
+    for ax, (device, pass_, mask) in zip(axes[:, 0], panels):
+        prs = [r for r in sel if r.device == device and r.pass_ == pass_ and r.mask == mask]
+        width = 0.8 / len(series)
+        for i, (label, attr) in enumerate(series):
+            ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(prs))],
+                   [getattr(r, attr) for r in prs], width, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylim(0, 1.3 * max([1.0] + [getattr(r, a) for r in prs for _, a in series]))  # room for the legend
+        ax.set_xticks(range(len(prs)))
+        ax.set_xticklabels([r.layer for r in prs])
+        ax.set_ylabel("ratio")
+        ax.set_title(f"{device}, {pass_}, {mask}-channel mask, batch 1")
+        ax.legend(fontsize="small", ncol=len(series), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
 
 
 def main(argv=None) -> int:
@@ -170,16 +248,23 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="batch 1 only and 3 repeats")
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 4)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 5)")
-    ap.add_argument("--layers", nargs="+", default=None, help="subset of layer names, e.g. enc1 dec1")
+    ap.add_argument("--layers", nargs="+", default=None,
+                    help="subset of layer names, e.g. enc1 dec1 or enc1,dec1")
     ap.add_argument("--masks", nargs="+", default=["single", "multi"], choices=["single", "multi"])
     ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--image", type=int, default=256, help="U-Net input size (default 256)")
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--cuda-routes", nargs="+", default=["vendor", "one_pass"], choices=["auto", "vendor", "one_pass"],
+    ap.add_argument("--cuda-routes", nargs="+", default=["aten_conv", "gemm"], choices=["auto", "aten_conv", "gemm"],
                     help="PCONV_CUDA_ROUTE values to measure on a GPU")
     ap.add_argument("--json", metavar="PATH", help="write the rows and the summary as JSON")
+    ap.add_argument("--plot", metavar="PATH", help="write per-layer bars of fused/plain, fused/peer and ref/fused "
+                                                    "at batch 1 (PNG, SVG or PDF by suffix; needs matplotlib)")
     args = ap.parse_args(argv)
+    if args.layers is not None:
+        args.layers = [n for item in args.layers for n in item.split(",") if n]
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("plot: matplotlib is not installed, --plot will be skipped (pip install matplotlib)")
 
     batches = args.batch or ([1] if args.quick else [1, 4])
     repeats = args.repeats or (3 if args.quick else 5)
@@ -196,7 +281,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, dtype {args.dtype}, "
           f"median of {repeats} interleaved repeats")
     head = (f"{'dev':4s} {'layer':6s} {'shape':26s} {'mask':6s} {'N':>2s} {'pass':7s} {'plain ms':>9s} "
-            f"{'ref ms':>9s} {'fused ms':>9s} {'fused/plain':>11s} {'ref/fused':>9s}")
+            f"{'ref ms':>9s} {'fused ms':>9s} {'peer ms':>9s} {'fused/plain':>11s} {'ref/fused':>9s} "
+            f"{'fused/peer':>10s}")
     print(head)
     print("-" * len(head))
     rows = []
@@ -218,10 +304,11 @@ def main(argv=None) -> int:
                         r.device = label
                         rows.append(r)
                         print(f"{r.device:4s} {r.layer:6s} {r.shape:26s} {r.mask:6s} {r.batch:2d} {r.pass_:7s} "
-                              f"{r.plain_ms:9.2f} {r.reference_ms:9.2f} {r.fused_ms:9.2f} "
-                              f"{r.fused_over_plain:10.2f}x {r.reference_over_fused:8.2f}x"
-                              + (f"  peak MB plain/ref/fused {r.peak_mb['plain']:.0f}/{r.peak_mb['reference']:.0f}/"
-                                 f"{r.peak_mb['fused']:.0f}" if r.peak_mb else ""), flush=True)
+                              f"{r.plain_ms:9.2f} {r.reference_ms:9.2f} {r.fused_ms:9.2f} {r.peer_ms:9.2f} "
+                              f"{r.fused_over_plain:10.2f}x {r.reference_over_fused:8.2f}x {r.fused_over_peer:9.2f}x"
+                              + (f"  peak MB plain/ref/fused/peer {r.peak_mb['plain']:.0f}/"
+                                 f"{r.peak_mb['reference']:.0f}/{r.peak_mb['fused']:.0f}/{r.peak_mb['peer']:.0f}"
+                                 if r.peak_mb else ""), flush=True)
     summary = summarise(rows)
     print()
     print("\n".join(summary))
@@ -229,7 +316,10 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
                        "repeats": repeats, "rows": [dict(asdict(r), **{"pass": r.pass_}) for r in rows],
-                       "summary": summary}, f, indent=1)
+                       "summary": summary, "peer_summary": peer_summary(rows)}, f, indent=1)
+    if args.plot:
+        why_not = plot(rows, args.plot)
+        print(f"plot: skipped, {why_not}" if why_not else f"plot: wrote {args.plot}")
     return 0
 
 

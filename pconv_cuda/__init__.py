@@ -27,9 +27,10 @@ def _load_extension():
 _load_extension()
 
 from pconv_cuda import ops  # noqa: E402,F401  (fake kernels, autograd, autocast)
-from pconv_cuda import functional, reference  # noqa: E402,F401
+from pconv_cuda import functional, reference, routes  # noqa: E402,F401
 from pconv_cuda.functional import PartialConv2dFunction, mask_update, partial_conv2d  # noqa: E402,F401
 from pconv_cuda.modules import PartialConv2d  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["PartialConv2d", "PartialConv2dFunction", "partial_conv2d", "mask_update", "functional", "reference"]
+__all__ = ["PartialConv2d", "PartialConv2dFunction", "partial_conv2d", "mask_update", "functional", "reference",
+           "routes"]

@@ -64,7 +64,7 @@ def partial_conv2d(
     padding_ = resolve_padding(padding, tuple(weight.shape[2:]), dilation_, stride_)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
-    output, updated, _ = torch.ops.pconv_cuda.partial_conv2d(
+    output, updated, _, _ = torch.ops.pconv_cuda.partial_conv2d(
         input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
     return output, updated
 
@@ -97,19 +97,32 @@ class PartialConv2dFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
-        from pconv_cuda import ops
-
+    def forward(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
         conv_args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups,
                      bool(multi_channel))
-        output, updated, ratio = torch.ops.pconv_cuda.partial_conv2d(input, mask, weight, bias, *conv_args)
-        ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated, conv_args)
-        ctx.mark_non_differentiable(updated)
-        return output, updated
+        return torch.ops.pconv_cuda.partial_conv2d(input, mask, weight, bias, *conv_args)
 
     @staticmethod
-    def backward(ctx, grad_output, grad_updated):
+    def setup_context(ctx, inputs, output):
+        # The op's own autograd registration (pconv_cuda.ops) does the same: one backward for both.
+        from pconv_cuda import ops
+
+        input, mask, weight, bias, stride, padding, dilation, groups, multi_channel = inputs
+        conv_args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups,
+                     bool(multi_channel))
+        _, updated, ratio, masked_input = output
+        ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_input, conv_args)
+        ctx.mark_non_differentiable(updated, ratio, masked_input)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
         from pconv_cuda import ops
 
         grad_input, grad_weight, grad_bias = ops.input_grads(ctx, grad_output)
         return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
+
+    @classmethod
+    def apply(cls, *args):  # type: ignore[override]
+        """Returns ``(output, updated_mask)``, as the class docstring says."""
+        output, updated, _, _ = super().apply(*args)
+        return output, updated

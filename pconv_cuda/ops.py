@@ -45,15 +45,24 @@ def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, g
     ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
     wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
     nm = mask.shape[0] if mask is not None else 1
-    output = _empty((n, c_out, ho, wo), input, input.dtype, suggest_memory_format(input))
+    fmt = _layout(input)
+    output = _empty((n, c_out, ho, wo), input, input.dtype, fmt)
     updated = _empty((nm, 1, ho, wo), input, input.dtype)
     ratio = _empty((nm, 1, ho, wo), input, _ratio_dtype(input.dtype))
-    return output, updated, ratio
+    masked_input = _empty(input.shape, input, input.dtype, fmt) if mask is not None else _empty((0,), input, input.dtype)
+    return output, updated, ratio, masked_input
 
 
-def _partial_conv2d_backward_fake(grad_output, input, mask, weight, ratio, updated_mask, stride, padding, dilation,
-                                  groups, multi_channel, output_mask):
-    grad_input = _empty(input.shape, input, input.dtype, suggest_memory_format(input)) if output_mask[0] else None
+def _layout(t: Tensor) -> torch.memory_format:
+    """The kernels' layout for a tensor: channels_last kept, anything else NCHW-contiguous (op_flow.h, layout_of)."""
+    fmt = suggest_memory_format(t)
+    return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
+
+
+def _partial_conv2d_backward_fake(grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
+                                  dilation, groups, multi_channel, output_mask):
+    input = masked_input
+    grad_input = _empty(input.shape, input, input.dtype, _layout(input)) if output_mask[0] else None
     grad_weight = _empty(weight.shape, weight, weight.dtype, suggest_memory_format(weight)) if output_mask[1] else None
     grad_bias = _empty((weight.shape[0],), weight, weight.dtype) if output_mask[2] else None
     return grad_input, grad_weight, grad_bias
@@ -69,8 +78,11 @@ def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channe
 
 # --- autograd: one backward shared by the ops' registrations and the public autograd.Function --------------------
 
-def save_for_backward(ctx, input, mask, weight, bias, ratio, updated, conv_args, ns: str = "pconv_cuda") -> None:
-    ctx.save_for_backward(input, mask, weight, ratio, updated)
+def save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_input, conv_args,
+                      ns: str = "pconv_cuda") -> None:
+    # The weight gradient needs the convolution's input: X*M as the forward formed it (the input for mask=None),
+    # so the backward never rebuilds it. This keeps one input-sized tensor per layer alive until the backward.
+    ctx.save_for_backward(input if mask is None else masked_input, mask, weight, ratio, updated)
     ctx.conv_args = conv_args  # (stride, padding, dilation, groups, multi_channel)
     ctx.has_bias = bias is not None
     ctx.ns = ns
@@ -82,12 +94,12 @@ def input_grads(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], Optional[Te
     output_mask = [needs[0], needs[2], ctx.has_bias and needs[3]]
     if not any(output_mask):
         return None, None, None
-    input, mask, weight, ratio, updated = ctx.saved_tensors
+    conv_input, mask, weight, ratio, updated = ctx.saved_tensors
     backward = getattr(torch.ops, ctx.ns)._partial_conv2d_backward
-    return backward(grad_output, input, mask, weight, ratio, updated, *ctx.conv_args, output_mask)
+    return backward(grad_output, conv_input, mask, weight, ratio, updated, *ctx.conv_args, output_mask)
 
 
-def _backward(ctx, grad_output, grad_updated, grad_ratio):
+def _backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
     grad_input, grad_weight, grad_bias = input_grads(ctx, grad_output)
     return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
 
@@ -100,19 +112,48 @@ def register_library(ns: str) -> None:
 
     def setup_context(ctx, inputs, output) -> None:
         input, mask, weight, bias, *conv_args = inputs
-        _, updated, ratio = output
-        save_for_backward(ctx, input, mask, weight, bias, ratio, updated, tuple(conv_args), ns)
-        ctx.mark_non_differentiable(updated, ratio)
+        _, updated, ratio, masked_input = output
+        save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_input, tuple(conv_args), ns)
+        ctx.mark_non_differentiable(updated, ratio, masked_input)
 
     torch.library.register_autograd(f"{ns}::partial_conv2d", _backward, setup_context=setup_context)
+    register_autocast(ns)
+
+
+_LIBS: List[torch.library.Library] = []
+
+
+# --- autocast: the op runs in the dtype the user's autocast region asks for -------------------------------------
+
+def _register_autocast(ns: str, device_type: str) -> None:
+    """Like torch.library.register_autocast, but the dtype is read when the op runs (torch.get_autocast_dtype),
+    so `torch.autocast(device, dtype=torch.bfloat16)` gives bf16 and float16 gives fp16, as for nn.Conv2d. The
+    mask is cast with the input (bool and uint8 masks are kept); the ratio is float32 whatever the dtype."""
+    op = getattr(getattr(torch.ops, ns), "partial_conv2d").default
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def cast(t):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.device.type == device_type:
+            return t.to(torch.get_autocast_dtype(device_type))
+        return t
+
+    @op.py_impl(key)
+    def autocast_kernel(*args):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*[cast(a) for a in args])
+
+    lib = torch.library.Library(ns, "IMPL")
+    lib.impl("partial_conv2d", lambda keyset, *args: autocast_kernel(*args), key.name, with_keyset=True)
+    _LIBS.append(lib)
+
+
+def register_autocast(ns: str) -> None:
+    for device_type in ("cpu", "cuda"):
+        if torch._C._is_autocast_available(device_type):
+            _register_autocast(ns, device_type)
 
 
 register_library("pconv_cuda")
-
-# Under autocast the op runs in the autocast dtype, like nn.Conv2d; the ratio stays float32 whatever it is.
-torch.library.register_autocast("pconv_cuda::partial_conv2d", "cpu", torch.bfloat16)
-if torch._C._is_autocast_available("cuda"):
-    torch.library.register_autocast("pconv_cuda::partial_conv2d", "cuda", torch.float16)
 
 
 # --- devices without kernels -----------------------------------------------------------------------------------
@@ -139,5 +180,4 @@ def _register_missing(device: str) -> List[str]:
     return missing
 
 
-_LIBS: List[torch.library.Library] = []
 MISSING_CUDA_KERNELS: Sequence[str] = tuple(_register_missing("cuda"))

@@ -7,7 +7,7 @@ from torch.autograd import gradcheck
 
 import pconv_cuda
 from pconv_cuda import reference
-from conftest import BACKENDS, SAMPLES, Backend, Sample, conv_args, make_inputs, with_
+from conftest import BACKENDS, SAMPLES, Backend, Sample, conv_args, make_inputs, use_backend, with_
 
 # Tolerances by dtype. The reference adds 1e-8 to S; for binary masks S >= 1 where it matters, so that is a 1e-8
 # relative deviation, below float32 resolution and covered by 1e-6 in float64 (soft masks: 1e-8 / S, S >= 0.01 here).
@@ -28,8 +28,13 @@ def mask_update(backend: Backend, mask, k, stride=1, padding=0, dilation=1, mult
 
 
 def run_op(backend: Backend, x, m, w, b, s: Sample):
-    """(output, updated_mask) from the backend's op library, through its autograd registration."""
-    out, upd, _ = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
+    """(output, updated_mask) from the backend's op library, through its autograd registration. A CUDA backend's
+    forced route must be the one that ran (the gemm route takes NCHW inputs only)."""
+    out, upd, _, _ = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
+    if backend.cuda_route:
+        nchw = pconv_cuda.ops._layout(x) == torch.contiguous_format
+        want = backend.cuda_route if nchw else "aten_conv"
+        assert pconv_cuda.routes.last_route("cuda", _ns=backend.ns) == want
     return out, upd
 
 
@@ -107,9 +112,9 @@ def test_only_requested_gradients(backend):
     out, _ = run_op(backend, x, m, w, b, s)
     out.sum().backward()
     assert x.grad is None and b.grad is None and w.grad is not None
-    _, upd, ratio = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
+    _, upd, ratio, xm = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
     gi, gw, gb = backend.ops._partial_conv2d_backward(
-        torch.ones_like(out), x, m, w, ratio, upd, *conv_args(s), [False, False, True])
+        torch.ones_like(out), xm, m, w, ratio, upd, *conv_args(s), [False, False, True])
     assert gi is None and gw is None and gb is not None
 
 
@@ -252,7 +257,7 @@ def test_mask_update_matches_reference(sample, backend):
         pytest.skip("mask_update needs a mask")
     ratio, upd = backend.ops.mask_update(m, sample.kernel, sample.stride, sample.padding, sample.dilation,
                                         sample.multi_channel)
-    ones = torch.ones(1, m.shape[1], *sample.kernel, dtype=m.dtype)
+    ones = torch.ones(1, m.shape[1], *sample.kernel, dtype=m.dtype, device=device)
     s_ref = torch.nn.functional.conv2d(m, ones, None, sample.stride, sample.padding, sample.dilation)
     win = ones.numel()
     u_ref = s_ref.clamp(0, 1)
@@ -276,7 +281,7 @@ def test_mask_none_equals_all_ones(backend):
     device = backend.device
     for s in (Sample("n", mask="none"), Sample("nm", mask="none", multi_channel=True, padding=(2, 0), h=5)):
         x, _, w, b = make_inputs(s, torch.float64, device)
-        ones = torch.ones(1, s.c_in if s.multi_channel else 1, s.h, s.w, dtype=torch.float64)
+        ones = torch.ones(1, s.c_in if s.multi_channel else 1, s.h, s.w, dtype=torch.float64, device=device)
         out, upd = run_op(backend, x, None, w, b, s)
         want, want_upd = run_op(backend, x, ones, w, b, s)
         torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
@@ -290,9 +295,10 @@ def test_opcheck(backend, s):
     for requires_grad in (False, True):
         x, m, w, b = make_inputs(s, torch.float64, device, requires_grad=requires_grad)
         torch.library.opcheck(backend.ops.partial_conv2d.default, (x, m, w, b, *conv_args(s)))
-        out, upd, ratio = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
+        out, upd, ratio, xm = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
+        conv_input = x.detach() if m is None else xm
         torch.library.opcheck(backend.ops._partial_conv2d_backward.default,
-                              (torch.randn_like(out), x.detach(), m, w.detach(), ratio, upd, *conv_args(s),
+                              (torch.randn_like(out), conv_input, m, w.detach(), ratio, upd, *conv_args(s),
                                [True, True, requires_grad]))
     if m is not None:
         torch.library.opcheck(backend.ops.mask_update.default,
@@ -328,7 +334,7 @@ def test_autocast_cpu_bfloat16():
     torch.testing.assert_close(out.float(), layer(x, m), **TOL[torch.bfloat16])
 
 
-ROUTES = ["vendor", "one_pass"]
+ROUTES = ["aten_conv", "gemm"]
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -339,7 +345,8 @@ def test_cpu_routes_agree(sample, route, monkeypatch):
     out, upd = run_op(CPU, x, m, w, b, sample)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], grad)
-    monkeypatch.setenv("PCONV_CPU_ROUTE", "vendor" if route == "one_pass" else "one_pass")
+    assert pconv_cuda.routes.last_route("cpu") == route
+    monkeypatch.setenv("PCONV_CPU_ROUTE", "aten_conv" if route == "gemm" else "gemm")
     out2, upd2 = run_op(CPU, x, m, w, b, sample)
     want = torch.autograd.grad(out2, [t for t in (x, w, b) if t is not None], grad)
     torch.testing.assert_close(out, out2, rtol=1e-12, atol=1e-12)
@@ -349,32 +356,32 @@ def test_cpu_routes_agree(sample, route, monkeypatch):
 
 
 @pytest.mark.parametrize("s", SAMPLES[::4], ids=str)
-def test_gradcheck_one_pass_route(s, monkeypatch):
-    monkeypatch.setenv("PCONV_CPU_ROUTE", "one_pass")
+def test_gradcheck_gemm_route(s, monkeypatch):
+    monkeypatch.setenv("PCONV_CPU_ROUTE", "gemm")
     x, m, w, b = make_inputs(s, torch.float64, "cpu", requires_grad=True)
     assert gradcheck(lambda x, w, b: pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))[0], (x, w, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_one_pass_route_half_types(dtype, monkeypatch):
+def test_gemm_route_half_types(dtype, monkeypatch):
     s = Sample("half", multi_channel=True, mask="holes")
     x, m, w, b = make_inputs(s, dtype, "cpu")
-    monkeypatch.setenv("PCONV_CPU_ROUTE", "one_pass")
+    monkeypatch.setenv("PCONV_CPU_ROUTE", "gemm")
     out, _ = run_op(CPU, x, m.bool(), w, b, s)
-    monkeypatch.setenv("PCONV_CPU_ROUTE", "vendor")
+    assert pconv_cuda.routes.last_route("cpu") == "gemm"
+    monkeypatch.setenv("PCONV_CPU_ROUTE", "aten_conv")
     want, _ = run_op(CPU, x, m.bool(), w, b, s)
     torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
 
 
 def test_bad_route_variable(monkeypatch):
     monkeypatch.setenv("PCONV_CPU_ROUTE", "fastest")
-    with pytest.raises(RuntimeError, match=r"PCONV_CPU_ROUTE must be 'auto', 'vendor' or 'one_pass', got 'fastest'"):
+    with pytest.raises(RuntimeError, match=r"PCONV_CPU_ROUTE must be 'auto', 'aten_conv' or 'gemm' .*got 'fastest'"):
         run_op(CPU, *make_inputs(SAMPLES[0], torch.float32), SAMPLES[0])
 
 
 def test_bad_cuda_route_variable(monkeypatch):
-    import pconv_cuda.emu  # noqa: F401
-
+    use_backend(BACKENDS[1], monkeypatch)
     monkeypatch.setenv("PCONV_CUDA_ROUTE", "fastest")
-    with pytest.raises(RuntimeError, match=r"PCONV_CUDA_ROUTE must be 'auto', 'vendor' or 'one_pass', got 'fastest'"):
+    with pytest.raises(RuntimeError, match=r"PCONV_CUDA_ROUTE must be 'auto', 'aten_conv' or 'gemm' .*got 'fastest'"):
         torch.ops.pconv_cuda_emu.partial_conv2d(*make_inputs(SAMPLES[0], torch.float32), *conv_args(SAMPLES[0]))

@@ -1,8 +1,7 @@
-#include "pconv_args.h"
+#include "arg_checks.h"
 
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
 
 namespace pconv {
 namespace {
@@ -30,14 +29,6 @@ void fill_output_size(const char* op, Geometry& g) {
 }
 
 }  // namespace
-
-std::string route_choice(const char* variable) {
-  const char* env = std::getenv(variable);
-  const std::string choice = env ? env : "auto";
-  TORCH_CHECK(choice == "auto" || choice == "vendor" || choice == "one_pass", variable,
-              " must be 'auto', 'vendor' or 'one_pass', got '", choice, "'");
-  return choice;
-}
 
 at::ScalarType ratio_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;

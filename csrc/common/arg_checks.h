@@ -5,9 +5,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 
-#include <string>
-
-#include "pconv_math.h"
+#include "maths.h"
 
 namespace pconv {
 
@@ -23,9 +21,6 @@ Geometry check_mask_update_args(const at::Tensor& mask, at::IntArrayRef kernel_s
 // _partial_conv2d_backward's tensors besides those check_conv_args covers.
 void check_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& ratio,
                          const at::Tensor& updated_mask, const at::Tensor& input, const Geometry& g);
-
-// The route an environment variable asks for: "auto" (unset), "vendor" or "one_pass"; anything else is an error.
-std::string route_choice(const char* variable);
 
 // The ratio's dtype: float64 for float64 inputs, float32 otherwise (half types compute the ratio in float).
 at::ScalarType ratio_dtype(at::ScalarType input_dtype);

@@ -1,9 +1,9 @@
-// The pconv_cuda op library (schemas in common/pconv_schemas.h) and the Python module that loading it needs.
-// Kernels register per device: csrc/cpu/ (CPU) and csrc/cuda/ (CUDA).
+// The pconv_cuda op library (schemas in common/schemas.h) and the Python module that loading it needs.
+// Kernels register per device: cpu/cpu_backend.cpp and cuda/cuda_backend.cu.
 #include <Python.h>
 #include <torch/library.h>
 
-#include "common/pconv_schemas.h"
+#include "common/schemas.h"
 
 TORCH_LIBRARY(pconv_cuda, m) { pconv::define_ops(m); }
 

@@ -1,10 +1,11 @@
-// The partial-convolution maths shared by the CPU and CUDA kernels (design.md section 1).
+// The partial-convolution maths shared by the CPU and CUDA kernels (docs/architecture.md, "The maths").
 // Host-and-device code only: no ATen, no launch syntax, so g++ and nvcc read the same definitions.
 #pragma once
 
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace pconv {
@@ -41,18 +42,11 @@ C10_HOST_DEVICE inline int64_t conv_out_size(int64_t in, int64_t k, int64_t s, i
   return (in + 2 * p - d * (k - 1) - 1) / s + 1;
 }
 
-// U = clamp(S, 0, 1) and ratio = win / S * U where S > 0, else 0. No epsilon: win / S is finite for every
-// S > 0 in the accumulation type (float for half types), which is what keeps fp16 free of inf.
+// X * M with holes as exact holes: where M == 0 the input's value is never multiplied, so NaN or inf in a hole
+// gives 0, not NaN. A NaN in a valid pixel still propagates (it is data).
 template <typename acc_t>
-C10_HOST_DEVICE inline void ratio_and_update(acc_t s, acc_t win, acc_t* ratio, acc_t* update) {
-  if (s > acc_t(0)) {
-    const acc_t u = s < acc_t(1) ? s : acc_t(1);
-    *update = u;
-    *ratio = win / s * u;
-  } else {
-    *update = acc_t(0);
-    *ratio = acc_t(0);
-  }
+C10_HOST_DEVICE inline acc_t masked(acc_t x, acc_t m) {
+  return m == acc_t(0) ? acc_t(0) : x * m;
 }
 
 // A mask value is usable when it lies in [0, 1]; the negated form also rejects NaN.
@@ -61,11 +55,36 @@ C10_HOST_DEVICE inline bool mask_value_invalid(acc_t v) {
   return !(v >= acc_t(0) && v <= acc_t(1));
 }
 
-// Sum of one zero-padded (H, W) plane over the window of output pixel (oh, ow). With `invalid`, also reports
-// whether any value it read lies outside [0, 1] (or is NaN).
+// The value a mask element contributes to the channel-summed plane: itself, or NaN when it is not in [0, 1], so
+// that a bad mask value shows as NaN in ratio, U and the output of every window that reads it (the CUDA kernels
+// cannot raise an error without a host sync; the CPU raises one before the NaN is used).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t plane_value(acc_t v) {
+  return mask_value_invalid(v) ? std::numeric_limits<acc_t>::quiet_NaN() : v;
+}
+
+// U = clamp(S, 0, 1) and ratio = win / S * U where S > 0, else 0; NaN S (a bad mask value) gives NaN for both.
+// No epsilon: win / S is finite for every S > 0 in the accumulation type (float for half types), which is what
+// keeps fp16 free of inf.
+template <typename acc_t>
+C10_HOST_DEVICE inline void ratio_and_update(acc_t s, acc_t win, acc_t* ratio, acc_t* update) {
+  if (s > acc_t(0)) {
+    const acc_t u = s < acc_t(1) ? s : acc_t(1);
+    *update = u;
+    *ratio = win / s * u;
+  } else if (s == s) {
+    *update = acc_t(0);
+    *ratio = acc_t(0);
+  } else {
+    *update = s;
+    *ratio = s;
+  }
+}
+
+// Sum of one zero-padded (H, W) plane over the window of output pixel (oh, ow).
 template <typename acc_t, typename plane_t>
 C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t H, int64_t W, const Window& w, int64_t oh,
-                                        int64_t ow, bool* invalid = nullptr) {
+                                        int64_t ow) {
   acc_t s = acc_t(0);
   const int64_t h0 = oh * w.sh - w.ph;
   const int64_t w0 = ow * w.sw - w.pw;
@@ -75,9 +94,7 @@ C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t H, int64_t
     for (int64_t j = 0; j < w.kw; ++j) {
       const int64_t x = w0 + j * w.dw;
       if (x < 0 || x >= W) continue;
-      const acc_t v = static_cast<acc_t>(plane[h * W + x]);
-      if (invalid != nullptr) *invalid |= mask_value_invalid(v);
-      s += v;
+      s += static_cast<acc_t>(plane[h * W + x]);
     }
   }
   return s;
@@ -106,5 +123,26 @@ template <typename acc_t>
 C10_HOST_DEVICE inline acc_t renormalise(acc_t raw, acc_t ratio, acc_t bias, acc_t update) {
   return raw * ratio + bias * update;
 }
+
+// Unsigned 32-bit division by a divisor fixed at launch, in a multiply-high, an add and a shift (Granlund and
+// Montgomery's round-up method): the per-element kernels split flat indices with it instead of a runtime
+// division. Valid for numerators and divisors below 2^31.
+struct FastDivmod {
+  uint32_t divisor = 1, multiplier = 0, shift = 0;
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t d) : divisor(d) {
+    while ((uint64_t(1) << shift) < d) ++shift;
+    multiplier = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
+  }
+  C10_HOST_DEVICE uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t t = __umulhi(n, multiplier);
+#else
+    const uint32_t t = static_cast<uint32_t>((uint64_t(n) * multiplier) >> 32);
+#endif
+    return (t + n) >> shift;
+  }
+  C10_HOST_DEVICE uint32_t mod(uint32_t n, uint32_t q) const { return n - q * divisor; }
+};
 
 }  // namespace pconv

@@ -1,4 +1,4 @@
-// The CUDA backend: the launch sequences of pconv_cuda_ops.h with real launches on the current stream.
+// The CUDA backend: the op flows of common/op_flow.h over CudaPrimitives with real launches on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -7,8 +7,8 @@
 
 #include <type_traits>
 
-#include "pconv_kernels.cuh"
-#include "pconv_cuda_ops.h"
+#include "kernels.cuh"
+#include "cuda_primitives.h"
 
 namespace pconv {
 namespace cuda {
@@ -22,36 +22,53 @@ struct CudaLaunch {
     kernel<<<cfg.grid, cfg.block, cfg.shared_bytes, stream>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  // Device time of fn's work on this stream, by CUDA events (the autotuner's timer).
+  template <class Fn>
+  double time_ms(Fn&& fn) {
+    cudaEvent_t start, stop;
+    C10_CUDA_CHECK(cudaEventCreate(&start));
+    C10_CUDA_CHECK(cudaEventCreate(&stop));
+    C10_CUDA_CHECK(cudaEventRecord(start, stream));
+    fn();
+    C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+    C10_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    C10_CUDA_CHECK(cudaEventDestroy(start));
+    C10_CUDA_CHECK(cudaEventDestroy(stop));
+    return ms;
+  }
 };
 
-CudaLaunch current_stream_launch() { return CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()}; }
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_conv2d_cuda(
     const at::Tensor& input, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, bool multi_channel) {
   const c10::cuda::CUDAGuard guard(input.device());
-  CudaLaunch launch = current_stream_launch();
-  return partial_conv2d(launch, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+  CudaLaunch launch{c10::cuda::getCurrentCUDAStream().stream()};
+  CudaPrimitives<CudaLaunch> prim{launch};
+  return partial_conv2d(prim, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+    const at::Tensor& grad_output, const at::Tensor& masked_input, const c10::optional<at::Tensor>& mask,
     const at::Tensor& weight, const at::Tensor& ratio, const at::Tensor& update, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
     std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  CudaLaunch launch = current_stream_launch();
-  return partial_conv2d_backward(launch, grad_output, input, mask, weight, ratio, update, stride, padding, dilation,
-                                 groups, multi_channel, output_mask);
+  const c10::cuda::CUDAGuard guard(masked_input.device());
+  CudaLaunch launch{c10::cuda::getCurrentCUDAStream().stream()};
+  CudaPrimitives<CudaLaunch> prim{launch};
+  return partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, update, stride, padding,
+                                 dilation, groups, multi_channel, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> mask_update_cuda(const at::Tensor& mask, at::IntArrayRef kernel_size,
                                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                                     at::IntArrayRef dilation, bool multi_channel) {
   const c10::cuda::CUDAGuard guard(mask.device());
-  CudaLaunch launch = current_stream_launch();
-  return mask_update(launch, mask, kernel_size, stride, padding, dilation, multi_channel);
+  CudaLaunch launch{c10::cuda::getCurrentCUDAStream().stream()};
+  CudaPrimitives<CudaLaunch> prim{launch};
+  return mask_update(prim, mask, kernel_size, stride, padding, dilation, multi_channel);
 }
 
 }  // namespace

@@ -1,17 +1,18 @@
-// CPU kernels of the pconv_cuda ops (design.md section 2): the mask pass, the fused epilogue and the fused
-// grad_output pass are ours; the convolution is ATen's (oneDNN) on X*M (vendor route), or a GEMM over a masked
-// im2col (one-pass route, small output maps; see choose_route).
+// The CPU backend: the primitives of common/op_flow.h as loops over at::parallel_for, ATen's convolution (oneDNN)
+// on the aten_conv route, and an im2col + GEMM per image on the gemm route (small output maps, see
+// CpuPrimitives::auto_candidates).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <chrono>
 #include <string>
 #include <vector>
 
-#include "../common/pconv_args.h"
-#include "../common/pconv_math.h"
+#include "../common/maths.h"
+#include "../common/op_flow.h"
 
 namespace pconv {
 namespace {
@@ -20,8 +21,8 @@ using at::Tensor;
 
 // Work items below which a loop stays on one thread.
 constexpr int64_t kGrainElements = 32768;
-// The auto route rule (see choose_route): the one-pass route for output maps of at most this many pixels.
-constexpr int64_t kOnePassMaxOutputPixels = 64;
+// The auto route rule (see auto_candidates): the gemm route for output maps of at most this many pixels.
+constexpr int64_t kGemmMaxOutputPixels = 64;
 
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
@@ -58,7 +59,7 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
           const scalar_t* xi = x + i * C;
           scalar_t* oi = xm + i * C;
           for (int64_t c = 0; c < C; ++c) {
-            oi[c] = static_cast<scalar_t>(static_cast<acc_t>(xi[c]) * static_cast<acc_t>(mi[Cm == 1 ? 0 : c]));
+            oi[c] = static_cast<scalar_t>(masked(static_cast<acc_t>(xi[c]), static_cast<acc_t>(mi[Cm == 1 ? 0 : c])));
           }
         }
         if (plane && n < Nm) {
@@ -85,7 +86,7 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
             const scalar_t* xr = x + (n * C + c) * HW;
             scalar_t* orow = xm + (n * C + c) * HW;
             for (int64_t p = p0; p < p1; ++p) {
-              orow[p] = static_cast<scalar_t>(static_cast<acc_t>(xr[p]) * static_cast<acc_t>(mr[p]));
+              orow[p] = static_cast<scalar_t>(masked(static_cast<acc_t>(xr[p]), static_cast<acc_t>(mr[p])));
             }
           }
           if (accumulate) {  // a second loop keeps both vectorisable; the row is in L1 by now
@@ -102,13 +103,6 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
     if (bad) invalid.store(true, std::memory_order_relaxed);
   });
   return !invalid.load();
-}
-
-[[noreturn]] void fail_invalid_mask(const char* op, const Tensor& mask) {
-  const Tensor m = mask.to(at::kDouble);
-  const Tensor bad = m.masked_select((m < 0).logical_or(m > 1).logical_or(m.isnan()));
-  TORCH_CHECK(false, op, ": mask values must lie in [0, 1] (1 = valid pixel, 0 = hole), but the mask contains ",
-              bad.numel(), " value(s) outside that range or NaN, e.g. ", bad[0].item<double>());
 }
 
 // S per output pixel from the channel-summed plane, then ratio and U.
@@ -142,51 +136,6 @@ void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* update) {
       update[oh * g.Wo + ow] = static_cast<update_t>(u);
     }
   }
-}
-
-// Runs the mask pass over `mask` (when there is one) and returns its channel-summed plane (undefined for
-// mask=None). With `input`, also returns X * M in `xm` (the input itself for mask=None).
-Tensor run_mask_pass(const char* op, const c10::optional<Tensor>& mask, const Geometry& g, at::ScalarType acc_dtype,
-                     bool want_plane, const Tensor* input, Tensor* xm) {
-  if (!mask.has_value() || !mask->defined()) {
-    if (xm && input) *xm = *input;
-    return Tensor();
-  }
-  const at::MemoryFormat fmt = (input ? *input : *mask).suggest_memory_format();
-  const Tensor m = mask->contiguous(fmt);
-  Tensor plane = want_plane ? at::empty({g.mask_batch, g.H, g.W}, m.options().dtype(acc_dtype)) : Tensor();
-  Tensor x;
-  if (input) {
-    x = input->contiguous(fmt);
-    *xm = at::empty_like(x, x.options(), fmt);
-  }
-  bool valid = true;
-  // scalar_t is the masked input's type; for a mask-only pass, the accumulation type stands in for it.
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input ? input->scalar_type() : acc_dtype, "pconv_mask", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    using x_t = scalar_t;
-    AT_DISPATCH_V2(m.scalar_type(), "pconv_mask_pass", AT_WRAP([&] {
-      valid = mask_pass_kernel<x_t, scalar_t, acc_t>(m, want_plane ? plane.mutable_data_ptr<acc_t>() : nullptr,
-                                                      input ? &x : nullptr, input ? xm : nullptr);
-    }), AT_EXPAND(AT_FLOATING_TYPES), at::kHalf, at::kBFloat16, at::kBool, at::kByte);
-  });
-  if (!valid) fail_invalid_mask(op, *mask);
-  return plane;
-}
-
-// ratio (acc dtype) and update (its own dtype), both (mask_batch, 1, Ho, Wo), from a plane or from the geometry.
-void compute_ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& update) {
-  AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "pconv_ratio", [&] {
-    using acc_t = scalar_t;
-    acc_t* ratio_p = ratio.mutable_data_ptr<acc_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio_update", [&] {
-      if (plane.defined()) {
-        ratio_kernel<acc_t>(plane.const_data_ptr<acc_t>(), g, ratio_p, update.mutable_data_ptr<scalar_t>());
-      } else {
-        ratio_all_ones_kernel<acc_t>(g, ratio_p, update.mutable_data_ptr<scalar_t>());
-      }
-    });
-  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -290,19 +239,15 @@ void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t*
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// One-pass route: masked im2col (X*M gathered straight into the GEMM operand, never materialised as a tensor),
-// then a GEMM per image and group, then the epilogue. NCHW only.
-template <typename scalar_t, typename mask_t>
-void masked_im2col_kernel(const scalar_t* x, const mask_t* m, int64_t mask_channels, int64_t c0, int64_t Cg,
-                          const Geometry& g, scalar_t* cols) {
-  using acc_t = acc_type_t<scalar_t>;
+// gemm route: im2col of the convolution's input (X*M, already masked) and a GEMM per image and group. NCHW only.
+template <typename scalar_t>
+void im2col_kernel(const scalar_t* x, int64_t c0, int64_t Cg, const Geometry& g, scalar_t* cols) {
   const Window& w = g.win;
   const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W;
   at::parallel_for(0, Cg * w.kh * w.kw, grain_for(HWo), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t c = r / (w.kh * w.kw), i = (r / w.kw) % w.kh, j = r % w.kw;
       const scalar_t* xc = x + (c0 + c) * HW;
-      const mask_t* mc = m ? m + (mask_channels == 1 ? 0 : c0 + c) * HW : nullptr;
       scalar_t* row = cols + r * HWo;
       for (int64_t oh = 0; oh < g.Ho; ++oh) {
         const int64_t h = oh * w.sh - w.ph + i * w.dh;
@@ -313,146 +258,124 @@ void masked_im2col_kernel(const scalar_t* x, const mask_t* m, int64_t mask_chann
         }
         for (int64_t ow = 0; ow < g.Wo; ++ow) {
           const int64_t col = ow * w.sw - w.pw + j * w.dw;
-          const bool inside = col >= 0 && col < g.W;
-          const int64_t at = h * g.W + (inside ? col : 0);
-          dst[ow] = inside ? (mc ? static_cast<scalar_t>(static_cast<acc_t>(xc[at]) * static_cast<acc_t>(mc[at]))
-                                 : xc[at])
-                           : scalar_t(0);
+          dst[ow] = col >= 0 && col < g.W ? xc[h * g.W + col] : scalar_t(0);
         }
       }
     }
   });
 }
 
-Tensor one_pass_conv(const Tensor& input, const c10::optional<Tensor>& mask, const Tensor& weight,
-                     const Geometry& g) {
-  const Tensor x = input.contiguous();
-  const Tensor m = mask.has_value() && mask->defined() ? mask->contiguous() : Tensor();
-  const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups, HWo = g.Ho * g.Wo;
-  const int64_t K = Cg * g.win.kh * g.win.kw;
-  Tensor out = at::empty({g.N, g.C_out, g.Ho, g.Wo}, input.options());
-  Tensor cols = at::empty({K, HWo}, input.options());
-  const Tensor w2 = weight.contiguous().view({g.C_out, K});
-  for (int64_t n = 0; n < g.N; ++n) {
-    Tensor out_n = out[n].view({g.C_out, HWo});
-    for (int64_t gi = 0; gi < g.groups; ++gi) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pconv_im2col", [&] {
-        using x_t = scalar_t;
-        const x_t* xn = x.const_data_ptr<x_t>() + n * g.C_in * g.H * g.W;
-        if (!m.defined()) {
-          masked_im2col_kernel<x_t, x_t>(xn, nullptr, 0, gi * Cg, Cg, g, cols.mutable_data_ptr<x_t>());
-          return;
-        }
-        AT_DISPATCH_V2(m.scalar_type(), "pconv_im2col_mask", AT_WRAP([&] {
-          const scalar_t* mn = m.const_data_ptr<scalar_t>() + (g.mask_batch == 1 ? 0 : n) * g.mask_channels * g.H * g.W;
-          masked_im2col_kernel<x_t, scalar_t>(xn, mn, g.mask_channels, gi * Cg, Cg, g, cols.mutable_data_ptr<x_t>());
-        }), AT_EXPAND(AT_FLOATING_TYPES), at::kHalf, at::kBFloat16, at::kBool, at::kByte);
-      });
-      Tensor dst = out_n.narrow(0, gi * Cog, Cog);
-      at::mm_out(dst, w2.narrow(0, gi * Cog, Cog), cols);
-    }
+// ---------------------------------------------------------------------------------------------------------------
+struct CpuPrimitives {
+  static constexpr const char* device_type = "cpu";
+
+  bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane) {
+    const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
+    bool valid = true;
+    dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
+      using acc_t = acc_type_t<x_t>;
+      valid = mask_pass_kernel<x_t, mask_t, acc_t>(mask, plane.defined() ? plane.mutable_data_ptr<acc_t>() : nullptr,
+                                                   x.defined() ? &x : nullptr, x.defined() ? &xm : nullptr);
+    });
+    return valid;
   }
-  return out;
-}
 
-enum class Route { Vendor, OnePass };
+  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& update) {
+    AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "pconv_ratio", [&] {
+      using acc_t = scalar_t;
+      acc_t* ratio_p = ratio.mutable_data_ptr<acc_t>();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio_update", [&] {
+        if (plane.defined()) {
+          ratio_kernel<acc_t>(plane.const_data_ptr<acc_t>(), g, ratio_p, update.mutable_data_ptr<scalar_t>());
+        } else {
+          ratio_all_ones_kernel<acc_t>(g, ratio_p, update.mutable_data_ptr<scalar_t>());
+        }
+      });
+    });
+  }
 
-// PCONV_CPU_ROUTE=vendor|one_pass|auto (default auto). The auto rule and the measurements behind it are in
-// README.md ("CPU routes"): on small output maps oneDNN's per-call cost dominates and a GEMM over the masked
-// im2col wins (0.6x-0.9x of the vendor route at 4..64 output pixels); on large maps im2col's traffic loses (up to 9x).
-Route choose_route(const Tensor& input, const Geometry& g) {
-  const std::string choice = route_choice("PCONV_CPU_ROUTE");
-  if (choice == "vendor") return Route::Vendor;
-  const bool nchw = input.suggest_memory_format() == at::MemoryFormat::Contiguous;
-  if (choice == "one_pass") return nchw ? Route::OnePass : Route::Vendor;  // the one-pass route is NCHW only
-  return nchw && g.Ho * g.Wo <= kOnePassMaxOutputPixels ? Route::OnePass : Route::Vendor;
-}
+  void epilogue(Tensor& out, const Tensor& ratio, const Tensor& update, const Tensor& bias, const Geometry& g) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pconv_epilogue", [&] {
+      using acc_t = acc_type_t<scalar_t>;
+      epilogue_kernel<scalar_t, acc_t>(out, ratio.const_data_ptr<acc_t>(), update.const_data_ptr<scalar_t>(),
+                                       bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, g);
+    });
+  }
+
+  void grad_output(const Tensor& dy, Tensor& gy, Tensor& db, const Tensor& ratio, const Tensor& update,
+                   const Geometry& g) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "pconv_grad_output", [&] {
+      using acc_t = acc_type_t<scalar_t>;
+      grad_output_kernel<scalar_t, acc_t>(dy, gy, db.defined() ? db.mutable_data_ptr<scalar_t>() : nullptr,
+                                          ratio.const_data_ptr<acc_t>(), update.const_data_ptr<scalar_t>(), g);
+    });
+  }
+
+  bool gemm_supported(const Geometry& g, const Tensor& conv_in) {
+    return layout_of(conv_in) == at::MemoryFormat::Contiguous;
+  }
+
+  // On small output maps oneDNN's per-call cost dominates and a GEMM over im2col wins (0.6x-0.9x of aten_conv at
+  // 4..64 output pixels); on large maps im2col's traffic loses (up to 9x). Measurements: docs/benchmarks.md.
+  std::vector<Route> auto_candidates(const Geometry& g, const Tensor& conv_in, bool supported) {
+    return {supported && g.Ho * g.Wo <= kGemmMaxOutputPixels ? Route::Gemm : Route::AtenConv};
+  }
+
+  Tensor gemm_conv(const Tensor& conv_in, const Tensor& weight, const Tensor& bias, const Tensor& ratio,
+                   const Tensor& update, const Geometry& g) {
+    const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups, HWo = g.Ho * g.Wo;
+    const int64_t K = Cg * g.win.kh * g.win.kw;
+    Tensor out = at::empty({g.N, g.C_out, g.Ho, g.Wo}, conv_in.options());
+    Tensor cols = at::empty({K, HWo}, conv_in.options());
+    const Tensor w2 = weight.contiguous().view({g.C_out, K});
+    for (int64_t n = 0; n < g.N; ++n) {
+      Tensor out_n = out[n].view({g.C_out, HWo});
+      for (int64_t gi = 0; gi < g.groups; ++gi) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv_in.scalar_type(), "pconv_im2col", [&] {
+          im2col_kernel<scalar_t>(conv_in.const_data_ptr<scalar_t>() + n * g.C_in * g.H * g.W, gi * Cg, Cg, g,
+                                  cols.mutable_data_ptr<scalar_t>());
+        });
+        Tensor dst = out_n.narrow(0, gi * Cog, Cog);
+        at::mm_out(dst, w2.narrow(0, gi * Cog, Cog), cols);
+      }
+    }
+    epilogue(out, ratio, update, bias, g);
+    return out;
+  }
+
+  template <class Fn>
+  double time_ms(Fn&& fn) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------------------
-// Entry points.
+// Entry points: the op flows with the CPU primitives.
 
-std::tuple<Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& input, const c10::optional<Tensor>& mask,
-                                                      const Tensor& weight, const c10::optional<Tensor>& bias,
-                                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, int64_t groups, bool multi_channel) {
-  const char* op = "pconv_cuda::partial_conv2d";
-  const Geometry g =
-      check_conv_args(op, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
-  TORCH_INTERNAL_ASSERT(input.device().is_cpu());
-  const at::MemoryFormat fmt = input.suggest_memory_format();
-
-  Tensor ratio = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options().dtype(ratio_dtype(input.scalar_type())));
-  Tensor update = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options());
-  const Route route = choose_route(input, g);
-  Tensor xm;
-  const Tensor plane = run_mask_pass(op, mask, g, ratio.scalar_type(), /*want_plane=*/true,
-                                     route == Route::Vendor ? &input : nullptr, &xm);
-  compute_ratio_update(plane, g, ratio, update);
-
-  Tensor out = route == Route::OnePass
-                   ? one_pass_conv(input, mask, weight, g)
-                   : at::convolution(xm, weight, c10::nullopt, stride, padding, dilation,
-                                     /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
-                         .contiguous(fmt);
-  const Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pconv_epilogue", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    epilogue_kernel<scalar_t, acc_t>(out, ratio.const_data_ptr<acc_t>(), update.const_data_ptr<scalar_t>(),
-                                     b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, g);
-  });
-  return {out, update, ratio};
+std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& input, const c10::optional<Tensor>& mask,
+                                                              const Tensor& weight, const c10::optional<Tensor>& bias,
+                                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                                              at::IntArrayRef dilation, int64_t groups,
+                                                              bool multi_channel) {
+  CpuPrimitives prim;
+  return partial_conv2d(prim, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
 }
 
 std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(
-    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& mask, const Tensor& weight,
+    const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask, const Tensor& weight,
     const Tensor& ratio, const Tensor& update, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool multi_channel, std::array<bool, 3> output_mask) {
-  const char* op = "pconv_cuda::_partial_conv2d_backward";
-  const Geometry g =
-      check_conv_args(op, input, mask, weight, c10::nullopt, stride, padding, dilation, groups, multi_channel);
-  TORCH_INTERNAL_ASSERT(input.device().is_cpu());
-  check_backward_args(op, grad_output, ratio, update, input, g);
-  const auto [need_input, need_weight, need_bias] = output_mask;
-  const at::MemoryFormat fmt = input.suggest_memory_format();
-
-  const Tensor dy = grad_output.contiguous(fmt);
-  const Tensor r = ratio.contiguous();
-  const Tensor u = update.contiguous();
-  Tensor gy = at::empty_like(dy, dy.options(), fmt);
-  Tensor db = need_bias ? at::empty({g.C_out}, input.options()) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "pconv_grad_output", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    grad_output_kernel<scalar_t, acc_t>(dy, gy, db.defined() ? db.mutable_data_ptr<scalar_t>() : nullptr,
-                                        r.const_data_ptr<acc_t>(), u.const_data_ptr<scalar_t>(), g);
-  });
-
-  Tensor dx, dw;
-  if (need_input || need_weight) {
-    // grad_input of a convolution does not read the input's values, so X*M is only formed for the weight.
-    Tensor conv_input = input;
-    if (need_weight) run_mask_pass(op, mask, g, ratio.scalar_type(), /*want_plane=*/false, &input, &conv_input);
-    auto grads = at::convolution_backward(gy, conv_input, weight, c10::nullopt, stride, padding, dilation,
-                                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-                                          {need_input, need_weight, false});
-    if (need_input) {
-      dx = std::get<0>(grads).contiguous(fmt);
-      if (mask.has_value() && mask->defined()) dx.mul_(*mask);
-    }
-    if (need_weight) dw = std::get<1>(grads).contiguous(weight.suggest_memory_format());
-  }
-  return {dx, dw, db};
+  CpuPrimitives prim;
+  return partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, update, stride, padding,
+                                 dilation, groups, multi_channel, output_mask);
 }
 
 std::tuple<Tensor, Tensor> mask_update_cpu(const Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                            at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
-  const Geometry g = check_mask_update_args(mask, kernel_size, stride, padding, dilation, multi_channel);
-  TORCH_INTERNAL_ASSERT(mask.device().is_cpu());
-  const at::ScalarType update_dtype = at::isFloatingType(mask.scalar_type()) ? mask.scalar_type() : at::kFloat;
-  Tensor ratio = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(ratio_dtype(update_dtype)));
-  Tensor update = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(update_dtype));
-  const Tensor plane = run_mask_pass("pconv_cuda::mask_update", mask, g, ratio.scalar_type(), true, nullptr, nullptr);
-  compute_ratio_update(plane, g, ratio, update);
-  return {ratio, update};
+  CpuPrimitives prim;
+  return mask_update(prim, mask, kernel_size, stride, padding, dilation, multi_channel);
 }
 
 }  // namespace

@@ -1,19 +1,20 @@
-// The CUDA backend run by the SIMT emulation on CPU tensors: the kernels of pconv_kernels.cuh and the launch
-// sequences of pconv_cuda_ops.h, exactly as the CUDA build uses them, registered as torch.ops.pconv_cuda_emu.*
-// with the same schemas. The vendor convolution (cuDNN on a GPU) is ATen's CPU convolution here.
+// The CUDA backend run by the SIMT emulation on CPU tensors: the kernels of kernels.cuh and the primitives of
+// cuda_primitives.h in the op flows of common/op_flow.h, exactly as the CUDA build uses them, registered as
+// torch.ops.pconv_cuda_emu.* with the same schemas. The convolution (cuDNN on a GPU) is ATen's CPU one here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <functional>
 #include <type_traits>
 
-#include "../../common/pconv_schemas.h"
+#include "../../common/schemas.h"
 #include "simt_emu.h"  // after every library header: it defines CUDA's keywords
 // clang-format off
-#include "../pconv_kernels.cuh"
-#include "../pconv_cuda_ops.h"
+#include "../kernels.cuh"
+#include "../cuda_primitives.h"
 // clang-format on
 
 namespace pconv {
@@ -33,29 +34,39 @@ struct EmuLaunch {
       });
     });
   }
+  template <class Fn>
+  double time_ms(Fn&& fn) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  }
 };
 
-std::tuple<Tensor, Tensor, Tensor> partial_conv2d(const Tensor& input, const c10::optional<Tensor>& mask,
-                                                  const Tensor& weight, const c10::optional<Tensor>& bias,
-                                                  at::IntArrayRef stride, at::IntArrayRef padding,
-                                                  at::IntArrayRef dilation, int64_t groups, bool multi_channel) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d(const Tensor& input, const c10::optional<Tensor>& mask,
+                                                          const Tensor& weight, const c10::optional<Tensor>& bias,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, int64_t groups,
+                                                          bool multi_channel) {
   EmuLaunch launch;
-  return cuda::partial_conv2d(launch, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+  cuda::CudaPrimitives<EmuLaunch> prim{launch};
+  return pconv::partial_conv2d(prim, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
 }
 
 std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward(
-    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& mask, const Tensor& weight,
+    const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask, const Tensor& weight,
     const Tensor& ratio, const Tensor& update, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool multi_channel, std::array<bool, 3> output_mask) {
   EmuLaunch launch;
-  return cuda::partial_conv2d_backward(launch, grad_output, input, mask, weight, ratio, update, stride, padding,
-                                       dilation, groups, multi_channel, output_mask);
+  cuda::CudaPrimitives<EmuLaunch> prim{launch};
+  return pconv::partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, update, stride,
+                                        padding, dilation, groups, multi_channel, output_mask);
 }
 
 std::tuple<Tensor, Tensor> mask_update(const Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                        at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
   EmuLaunch launch;
-  return cuda::mask_update(launch, mask, kernel_size, stride, padding, dilation, multi_channel);
+  cuda::CudaPrimitives<EmuLaunch> prim{launch};
+  return pconv::mask_update(prim, mask, kernel_size, stride, padding, dilation, multi_channel);
 }
 
 // Kernels that check the emulation itself: each is right or wrong in a way a GPU would show.
@@ -74,7 +85,9 @@ __global__ void divergent_barrier_kernel(const float* in, float* out) {
 }
 
 __global__ void atomic_sum_kernel(const float* in, float* out, int64_t n) {
-  PCONV_GRID_STRIDE_LOOP(i, n) { atomicAdd(out, in[i]); }
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+    atomicAdd(out, in[i]);
+  }
 }
 
 __global__ void dynamic_shared_rotate_kernel(const float* in, float* out) {

@@ -1,0 +1,188 @@
+// Each op written once, for every backend: check -> allocate -> mask pass -> ratio map -> route -> convolution ->
+// epilogue (forward); grad_output pass -> ATen's convolution backward -> hole zeroing (backward).
+// A backend supplies the primitives (the struct `Prim` below, as CpuPrimitives in cpu/cpu_backend.cpp and
+// CudaPrimitives<Launch> in cuda/cuda_primitives.h, which the SIMT emulation also instantiates):
+//
+//   static constexpr const char* device_type;            "cpu" or "cuda": route variable and override
+//   bool mask_pass(mask, x, xm, plane)                    xm = X*M (holes exact) when x is defined; plane[n] =
+//                                                         sum of mask[n] over channels (acc dtype, NaN where a
+//                                                         value is outside [0, 1]) when plane is defined; false
+//                                                         if a bad value was seen and the backend can report it
+//   void ratio_update(plane, g, ratio, update)            S by window sums of the plane (or closed form when plane
+//                                                         is undefined: mask=None), then ratio and U
+//   void epilogue(out, ratio, update, bias, g)            out = out * ratio + b * U, in place
+//   void grad_output(dy, gy, db, ratio, update, g)        gy = dY * ratio; db = sum dY * U when db is defined
+//   bool gemm_supported(g, conv_in)                       whether the gemm route can run this call
+//   Tensor gemm_conv(conv_in, weight, bias, ratio, update, g)   the gemm route's finished output
+//   std::vector<Route> auto_candidates(g, conv_in, supported)   one route, or several to time (autotuning)
+//   double time_ms(fn)                                    runs fn and times it
+//
+// Tensors given to the primitives are contiguous in the call's layout: NCHW, or NHWC (channels_last), which the
+// input's layout selects and the output keeps.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "arg_checks.h"
+#include "maths.h"
+#include "routes.h"
+
+namespace pconv {
+
+using at::Tensor;
+
+inline bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// NHWC when the tensor is channels_last, NCHW otherwise (arbitrary strides are copied to NCHW).
+inline at::MemoryFormat layout_of(const Tensor& t) {
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                                      : at::MemoryFormat::Contiguous;
+}
+
+// Runs fn.template operator()<x_t, mask_t>() for the reachable pairs: the mask in the input's dtype, bool or uint8.
+template <class Fn>
+void dispatch_input_and_mask(at::ScalarType x, at::ScalarType m, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x, "pconv", [&] {
+    using x_t = scalar_t;
+    if (m == x) {
+      fn.template operator()<x_t, x_t>();
+    } else if (m == at::kBool) {
+      fn.template operator()<x_t, bool>();
+    } else if (m == at::kByte) {
+      fn.template operator()<x_t, uint8_t>();
+    } else {
+      TORCH_CHECK(false, "pconv_cuda: a ", m, " mask with a ", x, " input is not supported");
+    }
+  });
+}
+
+// The dtype the mask pass works in when there is no input (mask_update): a floating mask's own, else float32.
+inline at::ScalarType mask_only_dtype(at::ScalarType mask) { return at::isFloatingType(mask) ? mask : at::kFloat; }
+
+[[noreturn]] inline void fail_invalid_mask(const char* op, const Tensor& mask) {
+  const Tensor m = mask.to(at::kDouble);
+  const Tensor bad = m.masked_select((m < 0).logical_or(m > 1).logical_or(m.isnan()));
+  TORCH_CHECK(false, op, ": mask values must lie in [0, 1] (1 = valid pixel, 0 = hole), but the mask contains ",
+              bad.numel(), " value(s) outside that range or NaN, e.g. ", bad[0].item<double>());
+}
+
+// Everything the route's speed can depend on.
+inline std::string tuning_key(const Geometry& g, const Tensor& conv_in, const Tensor& weight) {
+  std::ostringstream k;
+  k << conv_in.device() << ' ' << conv_in.scalar_type() << (layout_of(conv_in) == at::MemoryFormat::ChannelsLast
+                                                                 ? " nhwc" : " nchw")
+    << " N" << g.N << " C" << g.C_in << " H" << g.H << " W" << g.W << " O" << g.C_out << " k" << g.win.kh << 'x'
+    << g.win.kw << " s" << g.win.sh << 'x' << g.win.sw << " p" << g.win.ph << 'x' << g.win.pw << " d" << g.win.dh
+    << 'x' << g.win.dw << " g" << g.groups << " mb" << g.mask_batch << (weight.is_contiguous() ? "" : " w-strided")
+    << " tf32=" << at::globalContext().allowTF32CuDNN() << " det=" << at::globalContext().deterministicAlgorithms();
+  return k.str();
+}
+
+template <class Prim, class Run>
+Route choose_route(Prim& prim, const Geometry& g, const Tensor& conv_in, const Tensor& weight, Run&& run) {
+  const bool supported = prim.gemm_supported(g, conv_in);
+  if (const auto forced = forced_route(Prim::device_type)) {
+    return *forced == Route::Gemm && !supported ? Route::AtenConv : *forced;
+  }
+  const std::vector<Route> candidates = prim.auto_candidates(g, conv_in, supported);
+  if (candidates.size() == 1) return candidates.front();
+  return tuned_route(tuning_key(g, conv_in, weight), candidates, [&](Route r) {
+    run(r);  // warm-up: first-call costs (cuDNN's own algorithm search) are not the route's
+    return prim.time_ms([&] { run(r); });
+  });
+}
+
+template <class Prim>
+std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d(Prim& prim, const Tensor& input,
+                                                          const c10::optional<Tensor>& mask, const Tensor& weight,
+                                                          const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                                                          at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                          int64_t groups, bool multi_channel) {
+  const char* op = "pconv_cuda::partial_conv2d";
+  const Geometry g =
+      check_conv_args(op, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+  const at::MemoryFormat fmt = layout_of(input);
+  const Tensor x = input.contiguous(fmt);
+  Tensor ratio = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options().dtype(ratio_dtype(input.scalar_type())));
+  Tensor update = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options());
+  Tensor xm, plane;
+  if (has(mask)) {
+    xm = at::empty(x.sizes(), x.options(), fmt);
+    plane = at::empty({g.mask_batch, 1, g.H, g.W}, ratio.options());
+    if (!prim.mask_pass(mask->contiguous(fmt), x, xm, plane)) fail_invalid_mask(op, *mask);
+  }
+  prim.ratio_update(plane, g, ratio, update);
+
+  const Tensor& conv_in = has(mask) ? xm : x;
+  const Tensor b = has(bias) ? bias->contiguous() : Tensor();
+  auto run = [&](Route route) {
+    if (route == Route::Gemm) return prim.gemm_conv(conv_in, weight, b, ratio, update, g);
+    Tensor out = at::convolution(conv_in, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
+                                 /*output_padding=*/{0, 0}, groups)
+                     .contiguous(fmt);
+    prim.epilogue(out, ratio, update, b, g);
+    return out;
+  };
+  const Route route = choose_route(prim, g, conv_in, weight, run);
+  record_route(Prim::device_type, route);
+  Tensor out = run(route);
+  return {out, update, ratio, has(mask) ? xm : at::empty({0}, input.options())};
+}
+
+template <class Prim>
+std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward(
+    Prim& prim, const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask,
+    const Tensor& weight, const Tensor& ratio, const Tensor& update, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool multi_channel, std::array<bool, 3> output_mask) {
+  const char* op = "pconv_cuda::_partial_conv2d_backward";
+  const Geometry g = check_conv_args(op, masked_input, mask, weight, c10::nullopt, stride, padding, dilation,
+                                     groups, multi_channel);
+  check_backward_args(op, grad_output, ratio, update, masked_input, g);
+  const auto [need_input, need_weight, need_bias] = output_mask;
+  const at::MemoryFormat fmt = layout_of(masked_input);
+  const Tensor dy = grad_output.contiguous(fmt);
+  Tensor gy = at::empty(dy.sizes(), dy.options(), fmt);
+  Tensor db = need_bias ? at::empty({g.C_out}, masked_input.options()) : Tensor();
+  prim.grad_output(dy, gy, db, ratio.contiguous(), update.contiguous(), g);
+
+  Tensor dx, dw;
+  if (need_input || need_weight) {
+    // grad_input does not read the convolution's input values; grad_weight reads X*M, kept by the forward.
+    auto grads = at::convolution_backward(gy, masked_input.contiguous(fmt), weight, c10::nullopt, stride, padding,
+                                          dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+                                          {need_input, need_weight, false});
+    if (need_input) {
+      dx = std::get<0>(grads).contiguous(fmt);
+      if (has(mask)) {  // dX = M * conv_transpose(G, W), zero in holes, in place
+        Tensor no_plane;
+        prim.mask_pass(mask->contiguous(fmt), dx, dx, no_plane);
+      }
+    }
+    if (need_weight) dw = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+  }
+  return {dx, dw, db};
+}
+
+template <class Prim>
+std::tuple<Tensor, Tensor> mask_update(Prim& prim, const Tensor& mask, at::IntArrayRef kernel_size,
+                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       bool multi_channel) {
+  const char* op = "pconv_cuda::mask_update";
+  const Geometry g = check_mask_update_args(mask, kernel_size, stride, padding, dilation, multi_channel);
+  const at::ScalarType update_dtype = mask_only_dtype(mask.scalar_type());
+  Tensor ratio = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(ratio_dtype(update_dtype)));
+  Tensor update = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(update_dtype));
+  Tensor plane = at::empty({g.N, 1, g.H, g.W}, ratio.options());
+  Tensor no_input, no_output;
+  if (!prim.mask_pass(mask.contiguous(layout_of(mask)), no_input, no_output, plane)) fail_invalid_mask(op, mask);
+  prim.ratio_update(plane, g, ratio, update);
+  return {ratio, update};
+}
+
+}  // namespace pconv

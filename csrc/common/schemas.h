@@ -1,0 +1,38 @@
+// The op schemas, written once: the pconv_cuda library and the SIMT-emulation library (pconv_cuda_emu) both
+// define their ops with this function, so the emulated ops cannot drift from the real ones.
+#pragma once
+
+#include <torch/library.h>
+
+#include "routes.h"
+
+namespace pconv {
+
+inline void define_ops(torch::Library& m) {
+  // Returns (output, updated_mask, ratio, masked_input). updated_mask and ratio are (N_mask, 1, H', W'), ratio in
+  // float32 (float64 for float64 input); masked_input is X*M (the convolution's input, kept for the weight
+  // gradient), or an empty tensor for mask=None (the input itself is the convolution's input then).
+  m.def(
+      "partial_conv2d(Tensor input, Tensor? mask, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool multi_channel) -> (Tensor output, Tensor updated_mask, Tensor ratio, "
+      "Tensor masked_input)");
+  // Private: the gradients of partial_conv2d for input, weight and bias, those asked for by output_mask.
+  // masked_input is the forward's masked_input (the input for mask=None); the mask zeroes grad_input in holes.
+  m.def(
+      "_partial_conv2d_backward(Tensor grad_output, Tensor masked_input, Tensor? mask, Tensor weight, "
+      "Tensor ratio, Tensor updated_mask, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool multi_channel, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The mask path alone: (ratio, updated_mask), each (N, 1, H', W').
+  m.def(
+      "mask_update(Tensor mask, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool multi_channel) -> (Tensor ratio, Tensor updated_mask)");
+  // Route control (routes.h), for pconv_cuda.routes: no tensors, so each library keeps its own state.
+  m.def("_set_route(str device_type, str route) -> ()", &set_route_override);
+  m.def("_get_route(str device_type) -> str", &route_override);
+  m.def("_last_route(str device_type) -> str", &last_route);
+  m.def("_clear_route_cache() -> ()", &clear_route_cache);
+  m.def("_route_cache() -> str[]", &route_cache_entries);
+  m.def("_set_route_timer(str spec) -> ()", &set_route_timer);
+}
+
+}  // namespace pconv

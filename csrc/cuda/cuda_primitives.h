@@ -1,0 +1,219 @@
+// The CUDA backend's primitives for the op flows of common/op_flow.h: which kernel of kernels.cuh runs, with which
+// launch configuration and vector width. A template over a `Launch` policy: cuda_backend.cu instantiates it with
+// real launches on the current stream, emu/emu_backend.cpp with the SIMT emulation on CPU tensors. Include
+// kernels.cuh (and, for the emulation, simt_emu.h) before this header.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../common/op_flow.h"
+
+namespace pconv {
+namespace cuda {
+
+using at::Tensor;
+
+constexpr int64_t kMaxIndex32 = (int64_t(1) << 31) - 1;  // FastDivmod's numerator limit
+
+inline bool aligned(const void* p, size_t bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+inline void check_index_range(const char* what, int64_t n) {
+  TORCH_CHECK(n <= kMaxIndex32, "pconv_cuda (CUDA): ", what, " (", n, ") exceeds 2^31 - 1, which the CUDA kernels "
+              "do not support; split the batch");
+}
+
+template <class Launch>
+struct CudaPrimitives {
+  static constexpr const char* device_type = "cuda";
+  Launch& launch;
+
+  bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane) {
+    const bool nhwc = layout_of(x.defined() ? x : mask) == at::MemoryFormat::ChannelsLast;
+    const MaskPassShape s{x.defined() ? x.size(0) : mask.size(0), x.defined() ? x.size(1) : mask.size(1),
+                          mask.size(2) * mask.size(3), mask.size(0), mask.size(1)};
+    check_index_range("pixels per image", s.HW);
+    const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
+    dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
+      using acc_t = acc_type_t<x_t>;
+      constexpr int W = 16 / sizeof(x_t);
+      const x_t* xp = ptr_or_null<x_t>(x);
+      x_t* xmp = x.defined() ? xm.mutable_data_ptr<x_t>() : nullptr;
+      acc_t* pp = plane.defined() ? plane.mutable_data_ptr<acc_t>() : nullptr;
+      const mask_t* mp = mask.const_data_ptr<mask_t>();
+      if (!nhwc) {
+        const bool vec = s.HW % W == 0 && aligned(xp, 16) && aligned(xmp, 16) && aligned(mp, W * sizeof(mask_t)) &&
+                         aligned(pp, W * sizeof(acc_t));
+        if (vec) {
+          launch(mask_pass_nchw_kernel<x_t, mask_t, W>, nchw_config<W>(s.N, s.HW), xp, mp, xmp, pp, s);
+        } else {
+          launch(mask_pass_nchw_kernel<x_t, mask_t, 1>, nchw_config<1>(s.N, s.HW), xp, mp, xmp, pp, s);
+        }
+        return;
+      }
+      check_index_range("pixels in the batch", s.N * s.HW);
+      if (xp != nullptr) {
+        const MaskPixel mask_pixel{s.Nm == 1 && s.N > 1, FastDivmod(static_cast<uint32_t>(s.HW))};
+        const bool vec = s.C % W == 0 && aligned(xp, 16) && aligned(xmp, 16) && aligned(mp, W * sizeof(mask_t));
+        if (vec) {
+          launch(mask_pass_nhwc_kernel<x_t, mask_t, W>, nhwc_config(s.N * s.HW, s.C / W), xp, mp, xmp, s, mask_pixel);
+        } else {
+          launch(mask_pass_nhwc_kernel<x_t, mask_t, 1>, nhwc_config(s.N * s.HW, s.C), xp, mp, xmp, s, mask_pixel);
+        }
+      }
+      if (pp != nullptr) {
+        launch(plane_nhwc_kernel<mask_t, acc_t>, plane_nhwc_config(s.Nm * s.HW), mp, pp, s.Nm * s.HW, s.Cm);
+      }
+    });
+    return true;  // bad values cannot be reported without a host sync: they show as NaN (maths.h, plane_value)
+  }
+
+  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& update) {
+    check_index_range("output pixels per image", g.Ho * g.Wo);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio", [&] {
+      using acc_t = acc_type_t<scalar_t>;
+      launch(ratio_kernel<acc_t, scalar_t>, ratio_config(g), ptr_or_null<acc_t>(plane), g,
+             FastDivmod(static_cast<uint32_t>(g.Wo)), ratio.mutable_data_ptr<acc_t>(),
+             update.mutable_data_ptr<scalar_t>());
+    });
+  }
+
+  static MapShape map_shape(const Tensor& y, const Tensor& ratio) {
+    check_index_range("output planes", y.size(0) * y.size(1));
+    return MapShape{y.size(0), y.size(1), y.size(2) * y.size(3), ratio.size(0),
+                    FastDivmod(static_cast<uint32_t>(std::max<int64_t>(1, y.size(1))))};
+  }
+
+  static MaskPixel map_pixel(const MapShape& s) {
+    check_index_range("output pixels in the batch", s.N * s.HW);
+    return MaskPixel{s.Nm == 1 && s.N > 1, FastDivmod(static_cast<uint32_t>(std::max<int64_t>(1, s.HW)))};
+  }
+
+  void epilogue(Tensor& out, const Tensor& ratio, const Tensor& update, const Tensor& bias, const Geometry& g) {
+    const MapShape s = map_shape(out, ratio);
+    const bool nhwc = layout_of(out) == at::MemoryFormat::ChannelsLast;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pconv_epilogue", [&] {
+      using acc_t = acc_type_t<scalar_t>;
+      constexpr int W = 16 / sizeof(scalar_t);
+      scalar_t* y = out.mutable_data_ptr<scalar_t>();
+      const acc_t* r = ratio.const_data_ptr<acc_t>();
+      const scalar_t* u = update.const_data_ptr<scalar_t>();
+      const scalar_t* b = ptr_or_null<scalar_t>(bias);
+      if (!nhwc) {
+        const bool vec = s.HW % W == 0 && aligned(y, 16) && aligned(r, W * sizeof(acc_t)) && aligned(u, 16);
+        if (vec) {
+          launch(epilogue_nchw_kernel<scalar_t, W>, nchw_config<W>(s.N * s.C, s.HW), y, r, u, b, s);
+        } else {
+          launch(epilogue_nchw_kernel<scalar_t, 1>, nchw_config<1>(s.N * s.C, s.HW), y, r, u, b, s);
+        }
+        return;
+      }
+      const MaskPixel pixel = map_pixel(s);
+      if (s.C % W == 0 && aligned(y, 16) && aligned(b, 16)) {
+        launch(epilogue_nhwc_kernel<scalar_t, W>, nhwc_config(s.N * s.HW, s.C / W), y, r, u, b, s, pixel);
+      } else {
+        launch(epilogue_nhwc_kernel<scalar_t, 1>, nhwc_config(s.N * s.HW, s.C), y, r, u, b, s, pixel);
+      }
+    });
+  }
+
+  void grad_output(const Tensor& dy, Tensor& gy, Tensor& db, const Tensor& ratio, const Tensor& update,
+                   const Geometry& g) {
+    const MapShape s = map_shape(dy, ratio);
+    const bool nhwc = layout_of(dy) == at::MemoryFormat::ChannelsLast;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "pconv_grad_output", [&] {
+      using acc_t = acc_type_t<scalar_t>;
+      constexpr int W = 16 / sizeof(scalar_t);
+      const scalar_t* d = dy.const_data_ptr<scalar_t>();
+      scalar_t* o = gy.mutable_data_ptr<scalar_t>();
+      const acc_t* r = ratio.const_data_ptr<acc_t>();
+      const scalar_t* u = update.const_data_ptr<scalar_t>();
+      Tensor partial;
+      int64_t per_channel = 0;
+      if (!nhwc) {
+        const int64_t chunks = ceil_div(s.HW, kGradChunk);
+        per_channel = s.N * chunks;
+        if (db.defined()) partial = at::empty({s.C, per_channel}, ratio.options());
+        acc_t* pp = db.defined() ? partial.mutable_data_ptr<acc_t>() : nullptr;
+        const bool vec = s.HW % W == 0 && aligned(d, 16) && aligned(o, 16) && aligned(r, W * sizeof(acc_t)) &&
+                         aligned(u, 16);
+        for (int64_t n0 = 0; n0 < s.N; n0 += kMaxGridY) {  // images in gridDim.z
+          const int64_t images = std::min<int64_t>(kMaxGridY, s.N - n0);
+          if (vec) {
+            launch(grad_output_nchw_kernel<scalar_t, W>, grad_output_nchw_config(s, images), d, o, pp, r, u, s, n0);
+          } else {
+            launch(grad_output_nchw_kernel<scalar_t, 1>, grad_output_nchw_config(s, images), d, o, pp, r, u, s, n0);
+          }
+        }
+      } else {
+        const LaunchConfig cfg = grad_output_nhwc_config(s);
+        per_channel = cfg.grid.x;
+        if (db.defined()) partial = at::empty({s.C, per_channel}, ratio.options());
+        launch(grad_output_nhwc_kernel<scalar_t>, cfg, d, o,
+               db.defined() ? partial.mutable_data_ptr<acc_t>() : static_cast<acc_t*>(nullptr), r, u, s,
+               map_pixel(s));
+      }
+      if (!db.defined()) return;
+      if (per_channel == 0) {
+        db.zero_();  // empty batch or map: no block ran
+      } else {
+        launch(bias_grad_kernel<scalar_t>, bias_grad_config(s.C), partial.const_data_ptr<acc_t>(),
+               db.mutable_data_ptr<scalar_t>(), s.C, per_channel);
+      }
+    });
+  }
+
+  static GemmShape gemm_shape(const Geometry& g) {
+    const int64_t taps = g.win.kh * g.win.kw;
+    return GemmShape{g,
+                     FastDivmod(static_cast<uint32_t>(taps)),
+                     FastDivmod(static_cast<uint32_t>(g.win.kw)),
+                     FastDivmod(static_cast<uint32_t>(std::max<int64_t>(1, g.Ho * g.Wo))),
+                     FastDivmod(static_cast<uint32_t>(g.Wo)),
+                     ceil_div(g.C_out / g.groups, kTileM)};
+  }
+
+  bool gemm_supported(const Geometry& g, const Tensor& conv_in) {
+    return layout_of(conv_in) == at::MemoryFormat::Contiguous &&
+           ceil_div(g.C_out / g.groups, kTileM) * g.groups <= kMaxGridY && g.N * g.Ho * g.Wo <= kMaxIndex32 &&
+           (g.C_in / g.groups) * g.win.kh * g.win.kw <= kMaxIndex32;
+  }
+
+  // cuDNN (with our passes) unless the user asked for benchmark mode (torch.backends.cudnn.benchmark), where the
+  // gemm kernel competes and the faster route is cached per shape. A strict-FP32 kernel does not compete with
+  // TF32 convolutions: the results would differ, not just the speed.
+  std::vector<Route> auto_candidates(const Geometry& g, const Tensor& conv_in, bool supported) {
+    const bool tf32 = conv_in.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN();
+    if (!supported || !at::globalContext().benchmarkCuDNN() || tf32) return {Route::AtenConv};
+    return {Route::AtenConv, Route::Gemm};
+  }
+
+  Tensor gemm_conv(const Tensor& conv_in, const Tensor& weight, const Tensor& bias, const Tensor& ratio,
+                   const Tensor& update, const Geometry& g) {
+    Tensor out = at::empty({g.N, g.C_out, g.Ho, g.Wo}, conv_in.options());
+    const Tensor w = weight.contiguous();
+    const GemmShape s = gemm_shape(g);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv_in.scalar_type(), "pconv_gemm", [&] {
+      using acc_t = acc_type_t<scalar_t>;
+      launch(gemm_conv_kernel<scalar_t>, gemm_conv_config(s), conv_in.const_data_ptr<scalar_t>(),
+             w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), ratio.const_data_ptr<acc_t>(),
+             update.const_data_ptr<scalar_t>(), s, out.mutable_data_ptr<scalar_t>());
+    });
+    return out;
+  }
+
+  template <class Fn>
+  double time_ms(Fn&& fn) {
+    return launch.time_ms(fn);
+  }
+};
+
+}  // namespace cuda
+}  // namespace pconv

@@ -1,0 +1,431 @@
+// The CUDA kernels of pconv_cuda and their launch configurations. No launch syntax and no ATen here: nvcc compiles
+// this header in cuda_backend.cu, and g++ compiles it in emu/emu_backend.cpp under the SIMT emulation
+// (simt_emu.h), so the kernels tested on the CPU are these very functions.
+//
+// Per-element kernels come in an NCHW and an NHWC form. Neither divides per element: NCHW kernels put the plane
+// (image, channel) in blockIdx.y and the pixel in x; NHWC kernels put the pixel in (blockIdx.x, threadIdx.y) and
+// the channel in threadIdx.x. The only index splits left are per plane or per pixel, by FastDivmod (maths.h).
+// VEC > 1 moves VEC consecutive elements per load and store (16 bytes of the input's dtype), chosen at launch
+// when the run length and every pointer allow it. Half types compute in float (acc_t).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include "../common/maths.h"
+
+namespace pconv {
+namespace cuda {
+
+struct LaunchConfig {
+  dim3 grid;
+  dim3 block;
+  size_t shared_bytes;
+  bool barriers;  // the kernel calls __syncthreads() (the emulation runs such blocks as fibers)
+};
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGridY = 65535;  // the hardware limit of gridDim.y and gridDim.z
+
+C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline unsigned grid_y(int64_t n) { return static_cast<unsigned>(n < kMaxGridY ? (n < 1 ? 1 : n) : kMaxGridY); }
+
+// VEC elements moved by one load or store.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& v) {
+  *reinterpret_cast<Pack<T, VEC>*>(p) = v;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Mask pass. NCHW: per image n (blockIdx.y) and VEC pixels p: xm[n, c, p] = X*M for every channel (holes exact),
+// and, for the first Nm images, plane[n, p] = sum over the mask's channels (NaN for a value outside [0, 1]). With
+// x == nullptr only the plane is formed (mask_update). xm may alias x (the backward's in-place dX *= M).
+struct MaskPassShape {
+  int64_t N;   // images swept: the input's batch (Nm without an input)
+  int64_t C;   // the input's channels
+  int64_t HW;  // pixels per image
+  int64_t Nm;  // the mask's batch: 1 (broadcast) or N
+  int64_t Cm;  // the mask's channels: 1 (broadcast) or C
+};
+
+template <typename scalar_t, typename mask_t, int VEC>
+__global__ void mask_pass_nchw_kernel(const scalar_t* x, const mask_t* __restrict__ mask, scalar_t* xm,
+                                      acc_type_t<scalar_t>* __restrict__ plane, MaskPassShape s) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (p >= s.HW) return;
+  for (int64_t n = blockIdx.y; n < s.N; n += gridDim.y) {
+    const int64_t nm = s.Nm == 1 ? 0 : n;
+    const bool want_plane = plane != nullptr && n < s.Nm;
+    acc_t sum[VEC];
+    for (int v = 0; v < VEC; ++v) sum[v] = acc_t(0);
+    const int64_t channels = x != nullptr ? s.C : s.Cm;
+    Pack<mask_t, VEC> m = load_pack<VEC>(mask + nm * s.Cm * s.HW + p);
+    for (int64_t c = 0; c < channels; ++c) {
+      if (s.Cm > 1 && c > 0) m = load_pack<VEC>(mask + (nm * s.Cm + c) * s.HW + p);
+      if (x != nullptr) {
+        const int64_t at = (n * s.C + c) * s.HW + p;
+        const Pack<scalar_t, VEC> xv = load_pack<VEC>(x + at);
+        Pack<scalar_t, VEC> out;
+        for (int v = 0; v < VEC; ++v) {
+          out.v[v] = static_cast<scalar_t>(masked(static_cast<acc_t>(xv.v[v]), static_cast<acc_t>(m.v[v])));
+        }
+        store_pack<VEC>(xm + at, out);
+      }
+      if (want_plane && (s.Cm > 1 || c == 0)) {
+        for (int v = 0; v < VEC; ++v) sum[v] += plane_value(static_cast<acc_t>(m.v[v]));
+      }
+    }
+    if (want_plane) {
+      Pack<acc_t, VEC> out;
+      for (int v = 0; v < VEC; ++v) out.v[v] = sum[v];
+      store_pack<VEC>(plane + n * s.HW + p, out);
+    }
+  }
+}
+
+template <int VEC>
+inline LaunchConfig nchw_config(int64_t planes, int64_t run) {
+  return {dim3(static_cast<unsigned>(ceil_div(ceil_div(run, VEC), kThreads)), grid_y(planes)), dim3(kThreads), 0,
+          false};
+}
+
+// NHWC layouts: threadIdx.x walks the channel vectors of one pixel, (blockIdx.x, threadIdx.y) the pixels.
+inline dim3 nhwc_block(int64_t channel_vectors) {
+  unsigned bx = 1;
+  while (bx < 32 && bx < channel_vectors) bx *= 2;
+  return dim3(bx, kThreads / bx);
+}
+
+inline LaunchConfig nhwc_config(int64_t pixels, int64_t channel_vectors) {
+  const dim3 block = nhwc_block(channel_vectors);
+  return {dim3(static_cast<unsigned>(ceil_div(pixels, block.y))), block, 0, false};
+}
+
+// The mask's pixel for global pixel q = n * HW + p: q itself, or p when one mask serves the whole batch.
+struct MaskPixel {
+  bool broadcast;
+  FastDivmod hw;
+  C10_HOST_DEVICE int64_t operator()(int64_t q) const {
+    if (!broadcast) return q;
+    const uint32_t q32 = static_cast<uint32_t>(q);
+    return hw.mod(q32, hw.div(q32));
+  }
+};
+
+// NHWC mask pass, X*M only (the plane comes from plane_nhwc_kernel): pixel q of N*HW, VEC channels per thread.
+template <typename scalar_t, typename mask_t, int VEC>
+__global__ void mask_pass_nhwc_kernel(const scalar_t* x, const mask_t* __restrict__ mask, scalar_t* xm,
+                                      MaskPassShape s, MaskPixel mask_pixel) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t q = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (q >= s.N * s.HW) return;
+  const int64_t mq = mask_pixel(q);
+  for (int64_t c = int64_t(threadIdx.x) * VEC; c < s.C; c += int64_t(blockDim.x) * VEC) {
+    Pack<mask_t, VEC> m;
+    if (s.Cm == 1) {
+      for (int v = 0; v < VEC; ++v) m.v[v] = mask[mq];
+    } else {
+      m = load_pack<VEC>(mask + mq * s.Cm + c);
+    }
+    const Pack<scalar_t, VEC> xv = load_pack<VEC>(x + q * s.C + c);
+    Pack<scalar_t, VEC> out;
+    for (int v = 0; v < VEC; ++v) {
+      out.v[v] = static_cast<scalar_t>(masked(static_cast<acc_t>(xv.v[v]), static_cast<acc_t>(m.v[v])));
+    }
+    store_pack<VEC>(xm + q * s.C + c, out);
+  }
+}
+
+// NHWC plane: one thread per mask pixel sums its Cm contiguous channel values.
+template <typename mask_t, typename acc_t>
+__global__ void plane_nhwc_kernel(const mask_t* __restrict__ mask, acc_t* __restrict__ plane, int64_t pixels,
+                                  int64_t Cm) {
+  const int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q >= pixels) return;
+  acc_t sum = acc_t(0);
+  for (int64_t c = 0; c < Cm; ++c) sum += plane_value(static_cast<acc_t>(mask[q * Cm + c]));
+  plane[q] = sum;
+}
+
+inline LaunchConfig plane_nhwc_config(int64_t pixels) {
+  return {dim3(static_cast<unsigned>(ceil_div(pixels, kThreads))), dim3(kThreads), 0, false};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Ratio map: S at each output pixel by a window sum over the plane (k*k cached reads; plane == nullptr is the
+// all-ones mask, S from the in-bounds tap counts), then ratio and U. Images in blockIdx.y.
+template <typename acc_t, typename update_t>
+__global__ void ratio_kernel(const acc_t* __restrict__ plane, Geometry g, FastDivmod wo, acc_t* __restrict__ ratio,
+                             update_t* __restrict__ update) {
+  const int64_t HWo = g.Ho * g.Wo;
+  const int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= HWo) return;
+  const uint32_t oh = wo.div(static_cast<uint32_t>(p)), ow = wo.mod(static_cast<uint32_t>(p), oh);
+  const acc_t win = static_cast<acc_t>(g.window_size());
+  for (int64_t n = blockIdx.y; n < g.mask_batch; n += gridDim.y) {
+    const acc_t s = plane != nullptr ? window_sum<acc_t>(plane + n * g.H * g.W, g.H, g.W, g.win, oh, ow)
+                                     : static_cast<acc_t>(all_ones_window_sum(g, oh, ow));
+    acc_t r, u;
+    ratio_and_update(s, win, &r, &u);
+    ratio[n * HWo + p] = r;
+    update[n * HWo + p] = static_cast<update_t>(u);
+  }
+}
+
+inline LaunchConfig ratio_config(const Geometry& g) {
+  return {dim3(static_cast<unsigned>(ceil_div(g.Ho * g.Wo, kThreads)), grid_y(g.mask_batch)), dim3(kThreads), 0,
+          false};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Epilogue, in place on the convolution's output: Y = raw * ratio + b * U.
+struct MapShape {
+  int64_t N, C, HW;  // output batch, channels, pixels per image
+  int64_t Nm;        // batch of the ratio and U maps: 1 or N
+  FastDivmod channels;  // splits a plane index into (image, channel)
+};
+
+template <typename scalar_t, int VEC>
+__global__ void epilogue_nchw_kernel(scalar_t* __restrict__ y, const acc_type_t<scalar_t>* __restrict__ ratio,
+                                     const scalar_t* __restrict__ update, const scalar_t* __restrict__ bias,
+                                     MapShape s) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (p >= s.HW) return;
+  for (int64_t plane = blockIdx.y; plane < s.N * s.C; plane += gridDim.y) {
+    const uint32_t n = s.channels.div(static_cast<uint32_t>(plane));
+    const uint32_t c = s.channels.mod(static_cast<uint32_t>(plane), n);
+    const int64_t mi = (s.Nm == 1 ? 0 : int64_t(n)) * s.HW + p;
+    const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
+    const Pack<scalar_t, VEC> yv = load_pack<VEC>(y + plane * s.HW + p);
+    const Pack<acc_t, VEC> r = load_pack<VEC>(ratio + mi);
+    const Pack<scalar_t, VEC> u = load_pack<VEC>(update + mi);
+    Pack<scalar_t, VEC> out;
+    for (int v = 0; v < VEC; ++v) {
+      out.v[v] = static_cast<scalar_t>(
+          renormalise(static_cast<acc_t>(yv.v[v]), r.v[v], b, static_cast<acc_t>(u.v[v])));
+    }
+    store_pack<VEC>(y + plane * s.HW + p, out);
+  }
+}
+
+template <typename scalar_t, int VEC>
+__global__ void epilogue_nhwc_kernel(scalar_t* __restrict__ y, const acc_type_t<scalar_t>* __restrict__ ratio,
+                                     const scalar_t* __restrict__ update, const scalar_t* __restrict__ bias,
+                                     MapShape s, MaskPixel map_pixel) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t q = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (q >= s.N * s.HW) return;
+  const int64_t mq = map_pixel(q);
+  const acc_t r = ratio[mq], u = static_cast<acc_t>(update[mq]);
+  for (int64_t c = int64_t(threadIdx.x) * VEC; c < s.C; c += int64_t(blockDim.x) * VEC) {
+    const Pack<scalar_t, VEC> yv = load_pack<VEC>(y + q * s.C + c);
+    Pack<scalar_t, VEC> out;
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c + v]) : acc_t(0);
+      out.v[v] = static_cast<scalar_t>(renormalise(static_cast<acc_t>(yv.v[v]), r, b, u));
+    }
+    store_pack<VEC>(y + q * s.C + c, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// grad_output pass: G = dY * ratio, and per block the partial sum of dY * U for the bias gradient, reduced by a
+// fixed tree in shared memory; bias_grad_kernel adds each channel's partials in order. Deterministic, no atomics.
+// NCHW: grid (pixel chunk, channel, image); partial[(c * N + n) * chunks + chunk].
+constexpr int64_t kGradChunk = 8 * kThreads;  // pixels of one (image, channel) plane per block
+
+template <typename scalar_t, int VEC>
+__global__ void grad_output_nchw_kernel(const scalar_t* __restrict__ dy, scalar_t* __restrict__ gy,
+                                        acc_type_t<scalar_t>* __restrict__ partial,
+                                        const acc_type_t<scalar_t>* __restrict__ ratio,
+                                        const scalar_t* __restrict__ update, MapShape s, int64_t n0) {
+  using acc_t = acc_type_t<scalar_t>;
+  __shared__ acc_t red[kThreads];
+  const int64_t n = n0 + blockIdx.z, chunk = blockIdx.x, chunks = gridDim.x;
+  const int64_t begin = chunk * kGradChunk;
+  const int64_t end = begin + kGradChunk < s.HW ? begin + kGradChunk : s.HW;
+  const int64_t mbase = (s.Nm == 1 ? 0 : n) * s.HW;
+  for (int64_t c = blockIdx.y; c < s.C; c += gridDim.y) {  // uniform over the block: the barriers stay legal
+    acc_t sum = acc_t(0);
+    const int64_t base = (n * s.C + c) * s.HW;
+    for (int64_t p = begin + int64_t(threadIdx.x) * VEC; p < end; p += int64_t(blockDim.x) * VEC) {
+      const Pack<scalar_t, VEC> d = load_pack<VEC>(dy + base + p);
+      const Pack<acc_t, VEC> r = load_pack<VEC>(ratio + mbase + p);
+      const Pack<scalar_t, VEC> u = load_pack<VEC>(update + mbase + p);
+      Pack<scalar_t, VEC> out;
+      for (int v = 0; v < VEC; ++v) {
+        const acc_t dv = static_cast<acc_t>(d.v[v]);
+        out.v[v] = static_cast<scalar_t>(dv * r.v[v]);
+        sum += dv * static_cast<acc_t>(u.v[v]);
+      }
+      store_pack<VEC>(gy + base + p, out);
+    }
+    red[threadIdx.x] = sum;
+    __syncthreads();
+    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+      if (threadIdx.x < stride) red[threadIdx.x] += red[threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0 && partial != nullptr) partial[(c * s.N + n) * chunks + chunk] = red[0];
+    __syncthreads();  // red is reused by the next channel
+  }
+}
+
+inline LaunchConfig grad_output_nchw_config(const MapShape& s, int64_t images) {
+  return {dim3(static_cast<unsigned>(ceil_div(s.HW, kGradChunk)), grid_y(s.C), static_cast<unsigned>(images)),
+          dim3(kThreads), 0, true};
+}
+
+// NHWC: block (32 channels, 8 pixel rows), grid (pixel chunk, channel tile); partial[c * chunks + chunk].
+constexpr int kGradChannels = 32;
+constexpr int kGradRows = kThreads / kGradChannels;
+constexpr int64_t kGradPixels = 64 * kGradRows;  // pixels per block
+
+template <typename scalar_t>
+__global__ void grad_output_nhwc_kernel(const scalar_t* __restrict__ dy, scalar_t* __restrict__ gy,
+                                        acc_type_t<scalar_t>* __restrict__ partial,
+                                        const acc_type_t<scalar_t>* __restrict__ ratio,
+                                        const scalar_t* __restrict__ update, MapShape s, MaskPixel map_pixel) {
+  using acc_t = acc_type_t<scalar_t>;
+  __shared__ acc_t red[kGradRows][kGradChannels];
+  const int64_t pixels = s.N * s.HW, chunk = blockIdx.x, chunks = gridDim.x;
+  const int64_t end = (chunk + 1) * kGradPixels < pixels ? (chunk + 1) * kGradPixels : pixels;
+  for (int64_t c0 = int64_t(blockIdx.y) * kGradChannels; c0 < s.C; c0 += int64_t(gridDim.y) * kGradChannels) {
+    const int64_t c = c0 + threadIdx.x;
+    acc_t sum = acc_t(0);
+    if (c < s.C) {
+      for (int64_t q = chunk * kGradPixels + threadIdx.y; q < end; q += kGradRows) {
+        const int64_t mq = map_pixel(q);
+        const acc_t dv = static_cast<acc_t>(dy[q * s.C + c]);
+        gy[q * s.C + c] = static_cast<scalar_t>(dv * ratio[mq]);
+        sum += dv * static_cast<acc_t>(update[mq]);
+      }
+    }
+    red[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < s.C && partial != nullptr) {
+      acc_t total = acc_t(0);
+      for (int row = 0; row < kGradRows; ++row) total += red[row][threadIdx.x];  // fixed order
+      partial[c * chunks + chunk] = total;
+    }
+    __syncthreads();
+  }
+}
+
+inline LaunchConfig grad_output_nhwc_config(const MapShape& s) {
+  return {dim3(static_cast<unsigned>(ceil_div(s.N * s.HW, kGradPixels)), grid_y(ceil_div(s.C, kGradChannels))),
+          dim3(kGradChannels, kGradRows), 0, true};
+}
+
+template <typename scalar_t>
+__global__ void bias_grad_kernel(const acc_type_t<scalar_t>* __restrict__ partial, scalar_t* __restrict__ db,
+                                 int64_t channels, int64_t per_channel) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  acc_t sum = acc_t(0);
+  for (int64_t k = 0; k < per_channel; ++k) sum += partial[c * per_channel + k];
+  db[c] = static_cast<scalar_t>(sum);
+}
+
+inline LaunchConfig bias_grad_config(int64_t channels) {
+  return {dim3(static_cast<unsigned>(ceil_div(channels, kThreads))), dim3(kThreads), 0, false};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// gemm route: an implicit-GEMM convolution of the masked input with the epilogue fused, in one launch. Each
+// block computes kTileM output channels (of one group) x kTileN output pixels; per K slice of kTileK (channel,
+// tap) pairs it stages weights and input (gathered with zero padding) in shared memory. NCHW, plain FMA.
+constexpr int kTileM = 32;  // output channels per block
+constexpr int kTileN = 32;  // output pixels per block (threadIdx.x)
+constexpr int kTileK = 8;   // K slice per stage (threadIdx.y)
+constexpr int kRowsPerThread = kTileM / kTileK;
+
+struct GemmShape {
+  Geometry g;
+  FastDivmod taps;    // k -> (channel, tap)
+  FastDivmod kw;      // tap -> (i, j)
+  FastDivmod hwo;     // pixel -> (image, output pixel)
+  FastDivmod wo;      // output pixel -> (oh, ow)
+  int64_t tiles_per_group;
+};
+
+template <typename scalar_t>
+__global__ void gemm_conv_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                                 const scalar_t* __restrict__ bias, const acc_type_t<scalar_t>* __restrict__ ratio,
+                                 const scalar_t* __restrict__ update, GemmShape s, scalar_t* __restrict__ y) {
+  using acc_t = acc_type_t<scalar_t>;
+  __shared__ acc_t w_tile[kTileK][kTileM];
+  __shared__ acc_t x_tile[kTileK][kTileN];
+  const Geometry& g = s.g;
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTileN + tx;
+  const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups;
+  const int64_t K = Cg * g.win.kh * g.win.kw;
+  const int64_t group = blockIdx.y / s.tiles_per_group, co0 = (blockIdx.y % s.tiles_per_group) * kTileM;
+  const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W;
+  const int64_t pix = int64_t(blockIdx.x) * kTileN + tx;
+  const bool pix_ok = pix < g.N * HWo;
+  const uint32_t n = pix_ok ? s.hwo.div(static_cast<uint32_t>(pix)) : 0;
+  const uint32_t p = pix_ok ? s.hwo.mod(static_cast<uint32_t>(pix), n) : 0;
+  const uint32_t oh = s.wo.div(p), ow = s.wo.mod(p, oh);
+  const scalar_t* xg = x + (int64_t(n) * g.C_in + group * Cg) * HW;
+
+  acc_t acc[kRowsPerThread];
+  for (int r = 0; r < kRowsPerThread; ++r) acc[r] = acc_t(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    {  // weights: consecutive threads read consecutive k of one output channel
+      const int64_t co = co0 + tid / kTileK, k = k0 + tid % kTileK;
+      w_tile[tid % kTileK][tid / kTileK] =
+          co < Cog && k < K ? static_cast<acc_t>(w[(group * Cog + co) * K + k]) : acc_t(0);
+    }
+    acc_t v = acc_t(0);
+    const int64_t k = k0 + ty;
+    if (pix_ok && k < K) {
+      const uint32_t c = s.taps.div(static_cast<uint32_t>(k)), tap = s.taps.mod(static_cast<uint32_t>(k), c);
+      const uint32_t i = s.kw.div(tap), j = s.kw.mod(tap, i);
+      const int64_t h = int64_t(oh) * g.win.sh - g.win.ph + int64_t(i) * g.win.dh;
+      const int64_t wc = int64_t(ow) * g.win.sw - g.win.pw + int64_t(j) * g.win.dw;
+      if (h >= 0 && h < g.H && wc >= 0 && wc < g.W) v = static_cast<acc_t>(xg[int64_t(c) * HW + h * g.W + wc]);
+    }
+    x_tile[ty][tx] = v;
+    __syncthreads();
+    for (int kk = 0; kk < kTileK; ++kk) {
+      const acc_t xv = x_tile[kk][tx];
+      for (int r = 0; r < kRowsPerThread; ++r) acc[r] += w_tile[kk][ty + r * kTileK] * xv;
+    }
+    __syncthreads();
+  }
+  if (!pix_ok) return;
+  const int64_t mi = (g.mask_batch == 1 ? 0 : int64_t(n)) * HWo + p;
+  const acc_t r_val = ratio[mi], u_val = static_cast<acc_t>(update[mi]);
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    const int64_t co = co0 + ty + r * kTileK;
+    if (co < Cog) {
+      const int64_t oc = group * Cog + co;
+      const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+      y[(int64_t(n) * g.C_out + oc) * HWo + p] = static_cast<scalar_t>(renormalise(acc[r], r_val, b, u_val));
+    }
+  }
+}
+
+inline LaunchConfig gemm_conv_config(const GemmShape& s) {
+  const int64_t pixel_tiles = ceil_div(s.g.N * s.g.Ho * s.g.Wo, kTileN);
+  return {dim3(static_cast<unsigned>(pixel_tiles), static_cast<unsigned>(s.tiles_per_group * s.g.groups)),
+          dim3(kTileN, kTileK), 0, true};
+}
+
+}  // namespace cuda
+}  // namespace pconv
