@@ -26,9 +26,7 @@ import torch
 
 import pconv_cuda
 from pconv_cuda import reference
-from pconv_cuda.losses import InpaintingLoss
-from pconv_cuda.masks import IrregularMaskGenerator
-from pconv_cuda.models import PConvUNet
+from pconv_cuda.inpainting import InpaintingLoss, IrregularMaskGenerator, PConvUNet
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,8 @@ Implementations: plain (nn.Conv2d alone), nvidia (NVIDIA's unfused PartialConv2d
 elementwise ops + conv), peer (benchmarks/peer.py, the best pure-PyTorch layer: fp32 channel sum, 1-channel ones
 conv, 6 small fp32 passes, X*M, conv, raw*ratio, addcmul_(b, U), casts back for bf16), pconv_old (this
 repository's CUDA code before the rework, auto route), pconv_new (mask pass -> ratio kernel -> cuDNN -> epilogue,
-every pass streaming at BW_FRAC; a single-channel mask is read as it is, a multi-channel one summed to an fp32 plane).
+every pass streaming at BW_FRAC; the mask pass writes X*M and an fp32 channel-summed plane that the ratio kernel
+reads; NHWC multi-channel masks are read once more for the plane, not modelled: NCHW here).
 Limits: no L2 reuse (small maps would stay in cache), no overlap between ops, no choice of cuDNN algorithm, bias
 reads ignored, per-op max is pessimistic when big kernels let the host run ahead, one GEMM-size efficiency curve
 for every conv shape. Trust ratios between implementations more than absolute times.
@@ -139,8 +140,8 @@ def layer_ops(L: Layer, impl: str, gpu: str, dtype: str, batch: int, multi: bool
                   _stream(g, 2 * Y * e + maps, OLD_INT_FRAC[e])])]             # epilogue
     if impl == "pconv_new":
         return [(HOST_OP_US + 3 * HOST_LAUNCH_US + HOST_CONV_US,
-                 [_stream(g, (2 * X + M) * e + (Pin * 4 if multi else 0)),  # X*M and the fp32 plane (multi only)
-                  _stream(g, (Pin * 4 if multi else Pin * e) + maps),       # k*k taps of the plane -> ratio, U
+                 [_stream(g, (2 * X + M) * e + Pin * 4),  # X*M and the fp32 channel-summed plane
+                  _stream(g, Pin * 4 + maps),             # k*k (cached) taps of the plane -> ratio, U
                   conv, _stream(g, 2 * Y * e + maps)])]                      # epilogue: Y in place
     raise ValueError(impl)
 

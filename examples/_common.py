@@ -8,11 +8,12 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
-from pconv_cuda.masks import list_images
-from pconv_cuda.models import PConvUNet
+# Before PIL: pconv_cuda.inpainting checks the `inpainting` extra and names a missing module and the extra.
+from pconv_cuda.inpainting import PConvUNet, list_images
+
+from PIL import Image  # noqa: I001  (after the check above)
 
 #: Natural photographs bundled with scikit-image (no download), used when no image folder is given.
 SKIMAGE_TRAIN = (

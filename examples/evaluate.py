@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import builtin_images, center_square, composite, folder_images, load_model  # noqa: E402
-from pconv_cuda.masks import HOLE_RATIO_BUCKETS, MaskFolder, bucket_name, make_bucketed_masks  # noqa: E402
+from _common import builtin_images, center_square, composite, folder_images, load_model
+from pconv_cuda.inpainting import HOLE_RATIO_BUCKETS, MaskFolder, bucket_name, make_bucketed_masks
 
 
 def build_parser() -> argparse.ArgumentParser:

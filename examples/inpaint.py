@@ -13,17 +13,14 @@ The model works best near the scale it was trained at; ``--resize`` rescales the
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import composite, load_image, load_model, save_image  # noqa: E402
-from pconv_cuda.masks import IrregularMaskGenerator, hole_ratio, load_mask, save_mask  # noqa: E402
-from pconv_cuda.models import crop_to, pad_to_multiple  # noqa: E402
+from _common import composite, load_image, load_model, save_image
+from pconv_cuda.inpainting import IrregularMaskGenerator, crop_to, hole_ratio, load_mask, pad_to_multiple, save_mask
 
 
 def build_parser() -> argparse.ArgumentParser:

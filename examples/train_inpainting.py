@@ -28,13 +28,10 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     builtin_images, center_square, folder_images, random_crop, save_grid,
 )
-from pconv_cuda.losses import InpaintingLoss  # noqa: E402
-from pconv_cuda.masks import IrregularMaskGenerator, MaskFolder  # noqa: E402
-from pconv_cuda.models import PConvUNet  # noqa: E402
+from pconv_cuda.inpainting import InpaintingLoss, IrregularMaskGenerator, MaskFolder, PConvUNet
 
 GRID_BUCKETS = ((0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5))
 GRID_SEED = 20180420  # fixed masks for the preview grid, whatever --seed is

@@ -82,7 +82,15 @@ def save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_inp
                       ns: str = "pconv_cuda") -> None:
     # The weight gradient needs the convolution's input: X*M as the forward formed it (the input for mask=None),
     # so the backward never rebuilds it. This keeps one input-sized tensor per layer alive until the backward.
-    ctx.save_for_backward(input if mask is None else masked_input, mask, weight, ratio, updated)
+    # Under autocast the op ran on cast copies: the backward takes the input and weight in the dtype it computed in
+    # (`updated` has it); autograd casts the gradients back to each leaf's dtype.
+    dtype = updated.dtype
+
+    def as_computed(t):  # (no .to() when the dtype matches: it would hand back the very tensor, an alias)
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
+
+    conv_input = as_computed(input) if mask is None else masked_input
+    ctx.save_for_backward(conv_input, as_computed(mask), as_computed(weight), ratio, updated)
     ctx.conv_args = conv_args  # (stride, padding, dilation, groups, multi_channel)
     ctx.has_bias = bias is not None
     ctx.ns = ns
@@ -132,8 +140,9 @@ def _register_autocast(ns: str, device_type: str) -> None:
     op = getattr(getattr(torch.ops, ns), "partial_conv2d").default
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
-    def cast(t):
-        if isinstance(t, Tensor) and t.is_floating_point() and t.device.type == device_type:
+    def cast(t):  # as autocast does for convolutions: float64 is left alone
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+                and t.device.type == device_type:
             return t.to(torch.get_autocast_dtype(device_type))
         return t
 

@@ -8,7 +8,7 @@ deliberately not optimised.
 One deliberate difference from NVIDIA's layer: the bias branch there multiplies the renormalised output by the
 updated mask once more (``((raw - b) * ratio + b) * U``), which for soft masks whose window sum S lies in (0, 1)
 scales ``raw`` by U**2 while the no-bias branch scales it by U. Here both branches compute
-``raw * ratio + b * U`` (see ../shared/design.md). For binary masks, and wherever S >= 1 or S == 0, the two agree.
+``raw * ratio + b * U`` (docs/architecture.md, "The maths"). For binary masks, and wherever S >= 1 or S == 0, the two agree.
 """
 from __future__ import annotations
 

@@ -23,7 +23,13 @@ def _load(relpath: str):
     path = ROOT / relpath
     spec = importlib.util.spec_from_file_location(f"_example_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # As `python examples/x.py` does, the script's folder comes first on sys.path: the examples import their
+    # helper module _common from it. pconv_cuda itself is the installed package.
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 

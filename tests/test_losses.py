@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pconv_cuda.losses import (
+from pconv_cuda.inpainting.losses import (
     IMAGENET_MEAN, IMAGENET_STD, VGG16_FILENAME, InpaintingLoss, LossWeights, VGG16FeatureExtractor, gram_matrix,
     total_variation_in_holes,
 )

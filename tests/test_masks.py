@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pconv_cuda.masks import (
+from pconv_cuda.inpainting.masks import (
     HOLE_RATIO_BUCKETS, IrregularMaskGenerator, MaskFolder, augment_mask, bucket_index, bucket_name, dilate_holes,
     hole_ratio, load_mask, make_bucketed_masks, save_bucketed_masks, save_mask,
 )

@@ -11,9 +11,7 @@ from torch import nn
 
 import pconv_cuda
 from pconv_cuda import reference
-from pconv_cuda.losses import InpaintingLoss
-from pconv_cuda.masks import IrregularMaskGenerator
-from pconv_cuda.models import PConvUNet, crop_to, pad_to_multiple
+from pconv_cuda.inpainting import InpaintingLoss, IrregularMaskGenerator, PConvUNet, crop_to, pad_to_multiple
 
 FUSED_IS_REFERENCE = pconv_cuda.PartialConv2d is reference.PartialConv2d
 PCONVS = [pytest.param(reference.PartialConv2d, id="reference")]

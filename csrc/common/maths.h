@@ -44,9 +44,12 @@ C10_HOST_DEVICE inline int64_t conv_out_size(int64_t in, int64_t k, int64_t s, i
 
 // X * M with holes as exact holes: where M == 0 the input's value is never multiplied, so NaN or inf in a hole
 // gives 0, not NaN. A NaN in a valid pixel still propagates (it is data).
+// The product is formed unconditionally and then selected, so compilers emit a blend (CPU) or a select (GPU)
+// instead of a branch that random masks would mispredict.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t masked(acc_t x, acc_t m) {
-  return m == acc_t(0) ? acc_t(0) : x * m;
+  const acc_t product = x * m;
+  return m == acc_t(0) ? acc_t(0) : product;
 }
 
 // A mask value is usable when it lies in [0, 1]; the negated form also rejects NaN.

@@ -80,7 +80,8 @@ inline std::string tuning_key(const Geometry& g, const Tensor& conv_in, const Te
     << " N" << g.N << " C" << g.C_in << " H" << g.H << " W" << g.W << " O" << g.C_out << " k" << g.win.kh << 'x'
     << g.win.kw << " s" << g.win.sh << 'x' << g.win.sw << " p" << g.win.ph << 'x' << g.win.pw << " d" << g.win.dh
     << 'x' << g.win.dw << " g" << g.groups << " mb" << g.mask_batch << (weight.is_contiguous() ? "" : " w-strided")
-    << " tf32=" << at::globalContext().allowTF32CuDNN() << " det=" << at::globalContext().deterministicAlgorithms();
+    << " tf32=" << at::globalContext().allowTF32CuDNN() << " det=" << at::globalContext().deterministicAlgorithms()
+    << at::globalContext().deterministicCuDNN();
   return k.str();
 }
 

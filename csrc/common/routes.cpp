@@ -47,12 +47,12 @@ std::optional<Route> forced_route(const std::string& device_type) {
 
 void set_route_override(std::string device_type, std::string route) {
   env_variable(device_type);
-  parse_route(route, "route");
+  const auto parsed = parse_route(route, "route");
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (route == "auto") {
+  if (!parsed) {
     g_override.erase(device_type);
   } else {
-    g_override[device_type] = route;
+    g_override[device_type] = route_name(*parsed);  // old names are stored under the current ones
   }
 }
 
@@ -64,6 +64,7 @@ std::string route_override(std::string device_type) {
 }
 
 std::string last_route(std::string device_type) {
+  env_variable(device_type);
   auto it = g_last.find(device_type);
   return it == g_last.end() ? "" : it->second;
 }

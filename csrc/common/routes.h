@@ -1,7 +1,8 @@
 // How a forward convolution is computed, and how the route is chosen (docs/architecture.md, "Routes").
 //   aten_conv  ATen's convolution (cuDNN, oneDNN) on X*M, then our epilogue pass: the default.
-//   gemm       our own GEMM over X*M (CPU: im2col + GEMM per image; CUDA: an implicit-GEMM kernel with the
-//              epilogue fused), then nothing: it wins where the vendor's per-call cost outweighs a small GEMM.
+//   gemm       our own GEMM over X*M (CPU: im2col + GEMM per image, then the epilogue pass; CUDA: an
+//              implicit-GEMM kernel with the epilogue fused): it wins where the vendor's per-call cost outweighs a
+//              small GEMM.
 // The mask pass, the ratio map and the backward are the same on both routes.
 #pragma once
 

@@ -224,13 +224,24 @@ void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t*
           const scalar_t* u = update + n * mask_stride;
           const scalar_t* dp = d + (n * C + c) * HW;
           scalar_t* op = o + (n * C + c) * HW;
-          opmath_t s = opmath_t(0);
-          for (int64_t p = 0; p < HW; ++p) {
+          // kLanes interleaved partial sums (added in a fixed order below) break the add chain, so the loop
+          // vectorises without reassociating anything at run time: still deterministic.
+          constexpr int64_t kLanes = 16;
+          opmath_t lanes[kLanes] = {};
+          int64_t p = 0;
+          for (; p + kLanes <= HW; p += kLanes) {
+            for (int64_t l = 0; l < kLanes; ++l) {
+              const opmath_t v = static_cast<opmath_t>(dp[p + l]);
+              op[p + l] = static_cast<scalar_t>(v * static_cast<opmath_t>(r[p + l]));
+              lanes[l] += v * static_cast<opmath_t>(u[p + l]);
+            }
+          }
+          for (; p < HW; ++p) {
             const opmath_t v = static_cast<opmath_t>(dp[p]);
             op[p] = static_cast<scalar_t>(v * static_cast<opmath_t>(r[p]));
-            s += v * static_cast<opmath_t>(u[p]);
+            lanes[0] += v * static_cast<opmath_t>(u[p]);
           }
-          total += s;
+          for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
         }
         if (db) db[c] = static_cast<scalar_t>(total);
       }

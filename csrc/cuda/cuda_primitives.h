@@ -61,7 +61,8 @@ struct CudaPrimitives {
       check_index_range("pixels in the batch", s.N * s.HW);
       if (xp != nullptr) {
         const MaskPixel mask_pixel{s.Nm == 1 && s.N > 1, FastDivmod(static_cast<uint32_t>(s.HW))};
-        const bool vec = s.C % W == 0 && aligned(xp, 16) && aligned(xmp, 16) && aligned(mp, W * sizeof(mask_t));
+        const bool vec = s.C % W == 0 && aligned(xp, 16) && aligned(xmp, 16) &&
+                         (s.Cm == 1 || aligned(mp, W * sizeof(mask_t)));  // one mask value per pixel: scalar
         if (vec) {
           launch(mask_pass_nhwc_kernel<x_t, mask_t, W>, nhwc_config(s.N * s.HW, s.C / W), xp, mp, xmp, s, mask_pixel);
         } else {
@@ -116,7 +117,7 @@ struct CudaPrimitives {
         return;
       }
       const MaskPixel pixel = map_pixel(s);
-      if (s.C % W == 0 && aligned(y, 16) && aligned(b, 16)) {
+      if (s.C % W == 0 && aligned(y, 16)) {  // the bias is read element by element
         launch(epilogue_nhwc_kernel<scalar_t, W>, nhwc_config(s.N * s.HW, s.C / W), y, r, u, b, s, pixel);
       } else {
         launch(epilogue_nhwc_kernel<scalar_t, 1>, nhwc_config(s.N * s.HW, s.C), y, r, u, b, s, pixel);

@@ -2,9 +2,10 @@
 // this header in cuda_backend.cu, and g++ compiles it in emu/emu_backend.cpp under the SIMT emulation
 // (simt_emu.h), so the kernels tested on the CPU are these very functions.
 //
-// Per-element kernels come in an NCHW and an NHWC form. Neither divides per element: NCHW kernels put the plane
-// (image, channel) in blockIdx.y and the pixel in x; NHWC kernels put the pixel in (blockIdx.x, threadIdx.y) and
-// the channel in threadIdx.x. The only index splits left are per plane or per pixel, by FastDivmod (maths.h).
+// Per-element kernels come in an NCHW and an NHWC form. Neither divides per element: NCHW kernels put the image or
+// the (image, channel) plane in the grid's y (and z) dimensions and the pixel in x; NHWC kernels put the pixel in
+// (blockIdx.x, threadIdx.y) and the channel in threadIdx.x. The only index splits left are per plane or per pixel,
+// by FastDivmod (maths.h).
 // VEC > 1 moves VEC consecutive elements per load and store (16 bytes of the input's dtype), chosen at launch
 // when the run length and every pointer allow it. Half types compute in float (acc_t).
 #pragma once

@@ -42,7 +42,7 @@ struct dim3 {
 namespace pconv_emu {
 
 // Switching between the threads of a block. x86-64: a 14-instruction switch of the callee-saved registers (glibc's
-// swapcontext also saves the signal mask with a system call: 10x slower on the one-pass kernel); elsewhere
+// swapcontext also saves the signal mask with a system call: 10x slower on kernels with barriers); elsewhere
 // ucontext. This header must be included by one translation unit only (it defines the switch routine).
 #if defined(__x86_64__)
 extern "C" void pconv_emu_switch(void** save_sp, void* next_sp);
@@ -237,9 +237,15 @@ inline void syncthreads() {
 template <class ForEachBlock>
 void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, bool barriers, const std::function<void()>& body,
             ForEachBlock&& for_each_block) {
-  if (block.x * block.y * block.z == 0 || grid.x * grid.y * grid.z == 0) return;
-  if (block.x * block.y * block.z > 1024) throw std::invalid_argument("SIMT emulation: more than 1024 threads per block");
+  const int64_t threads = int64_t(block.x) * block.y * block.z;
   const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  if (threads == 0 || blocks == 0) return;
+  // The hardware limits a GPU would reject the launch for (cudaErrorInvalidConfiguration).
+  if (threads > 1024) throw std::invalid_argument("SIMT emulation: more than 1024 threads per block");
+  if (block.z > 64) throw std::invalid_argument("SIMT emulation: blockDim.z > 64");
+  if (grid.y > 65535 || grid.z > 65535) {
+    throw std::invalid_argument("SIMT emulation: gridDim.y or gridDim.z > 65535");
+  }
   for_each_block(blocks, [&](int64_t b) {
     thread_local Block runner;
     if (g_dynamic_shared.size() < dynamic_shared_bytes) g_dynamic_shared.resize(dynamic_shared_bytes);

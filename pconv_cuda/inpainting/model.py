@@ -183,7 +183,7 @@ class PConvUNet(nn.Module):
             raise ValueError(
                 f"image height and width must be multiples of 2**layer_size = {multiple} "
                 f"(layer_size={self.layer_size}), got {h}x{w}; pad the image and mask with "
-                f"pconv_cuda.models.pad_to_multiple and crop the result back with crop_to"
+                f"pconv_cuda.inpainting.pad_to_multiple and crop the result back with crop_to"
             )
         if (mask.dim() != 4 or mask.shape[1] not in (1, c) or mask.shape[2:] != image.shape[2:]
                 or mask.shape[0] not in (1, n)):
