@@ -64,8 +64,10 @@ def partial_conv2d(
     padding_ = resolve_padding(padding, tuple(weight.shape[2:]), dilation_, stride_)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
-    output, updated, _, _ = torch.ops.pconv_cuda.partial_conv2d(
-        input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
+    # Through the autograd.Function (one backward with the op's own registration) rather than the bare op: its
+    # setup_context makes torch.func (grad, vjp, jacrev, vmap) work, which the dispatcher's autograd does not.
+    output, updated, _, _ = PartialConv2dFunction.apply(input, mask, weight, bias, stride_, padding_, dilation_,
+                                                        groups, bool(multi_channel))
     return output, updated
 
 
@@ -93,8 +95,13 @@ class PartialConv2dFunction(torch.autograd.Function):
     """``torch.autograd.Function`` over the same ops (and the same backward) as :func:`partial_conv2d`.
 
     ``PartialConv2dFunction.apply(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)``
-    returns ``(output, updated_mask)``; ``stride``, ``padding`` and ``dilation`` are (h, w) pairs.
+    returns the op's four outputs ``(output, updated_mask, ratio, masked_input)``: ratio and masked_input (X*M, an
+    empty tensor for ``mask=None``) are what the backward keeps; only ``output`` and ``masked_input`` carry
+    gradients. ``stride``, ``padding`` and ``dilation`` are (h, w) pairs. It has ``setup_context`` and a generated
+    vmap rule, so torch.func transforms (grad, vjp, jacrev, vmap) apply; :func:`partial_conv2d` runs through it.
     """
+
+    generate_vmap_rule = True  # vmap runs forward under vmap (the op's batched fallback) and derives the rest
 
     @staticmethod
     def forward(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
@@ -112,17 +119,12 @@ class PartialConv2dFunction(torch.autograd.Function):
                      bool(multi_channel))
         _, updated, ratio, masked_input = output
         ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_input, conv_args)
-        ctx.mark_non_differentiable(updated, ratio, masked_input)
+        ctx.mark_non_differentiable(updated, ratio)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
         from pconv_cuda import ops
 
-        grad_input, grad_weight, grad_bias = ops.input_grads(ctx, grad_output)
+        grad_input, grad_weight, grad_bias = ops.input_grads(ctx, grad_output, grad_masked_input)
         return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
-
-    @classmethod
-    def apply(cls, *args):  # type: ignore[override]
-        """Returns ``(output, updated_mask)``, as the class docstring says."""
-        output, updated, _, _ = super().apply(*args)
-        return output, updated

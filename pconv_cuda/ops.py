@@ -96,19 +96,58 @@ def save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_inp
     ctx.ns = ns
 
 
-def input_grads(ctx, grad_output: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(grad_input, grad_weight, grad_bias), each None unless asked for; the mask never gets a gradient."""
+def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = None
+                ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(grad_input, grad_weight, grad_bias), each None unless asked for; the mask never gets a gradient.
+
+    `grad_masked_input` is the gradient reaching the op's masked_input output (X*M): None in ordinary training;
+    a tensor when a double backward differentiates through the weight gradient, which reads X*M.
+    Under create_graph=True (double backward, gradient penalties) the gradients are formed with differentiable
+    ATen ops instead of the fused backward op, so they can be differentiated again."""
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[2], ctx.has_bias and needs[3]]
     if not any(output_mask):
         return None, None, None
     conv_input, mask, weight, ratio, updated = ctx.saved_tensors
-    backward = getattr(torch.ops, ctx.ns)._partial_conv2d_backward
-    return backward(grad_output, conv_input, mask, weight, ratio, updated, *ctx.conv_args, output_mask)
+    if grad_output is None:
+        grad_input = grad_weight = grad_bias = None
+    elif torch.is_grad_enabled():
+        grad_input, grad_weight, grad_bias = _differentiable_grads(
+            grad_output, conv_input, mask, weight, ratio, updated, ctx.conv_args, output_mask)
+    else:
+        backward = getattr(torch.ops, ctx.ns)._partial_conv2d_backward
+        grad_input, grad_weight, grad_bias = backward(grad_output, conv_input, mask, weight, ratio, updated,
+                                                      *ctx.conv_args, output_mask)
+    if grad_masked_input is not None and mask is not None and output_mask[0]:
+        extra = _hole_select(grad_masked_input, mask)  # d(X*M)/dX = M, exactly 0 in holes
+        grad_input = extra if grad_input is None else grad_input + extra
+    return grad_input, grad_weight, grad_bias
+
+
+def _hole_select(t: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(t.dtype)
+    return torch.where(m == 0, torch.zeros((), dtype=t.dtype, device=t.device), t * m)
+
+
+def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated, conv_args, output_mask):
+    """The fused backward written with differentiable ops: same maths, one more graph level."""
+    stride, padding, dilation, groups, _ = conv_args
+    acc = ratio.dtype  # float32 (float64 for float64): as the kernels accumulate
+    g = (grad_output.to(acc) * ratio).to(grad_output.dtype)
+    grad_bias = (grad_output.to(acc) * updated.to(acc)).sum((0, 2, 3)).to(grad_output.dtype) \
+        if output_mask[2] else None
+    grad_input = grad_weight = None
+    if output_mask[0] or output_mask[1]:
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            g, conv_input, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [output_mask[0], output_mask[1], False])
+        if grad_input is not None and mask is not None:
+            grad_input = _hole_select(grad_input, mask)
+    return grad_input, grad_weight, grad_bias
 
 
 def _backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
-    grad_input, grad_weight, grad_bias = input_grads(ctx, grad_output)
+    grad_input, grad_weight, grad_bias = input_grads(ctx, grad_output, grad_masked_input)
     return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -122,7 +161,9 @@ def register_library(ns: str) -> None:
         input, mask, weight, bias, *conv_args = inputs
         _, updated, ratio, masked_input = output
         save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_input, tuple(conv_args), ns)
-        ctx.mark_non_differentiable(updated, ratio, masked_input)
+        # masked_input (X*M) stays differentiable: a double backward reaches X through the weight gradient.
+        ctx.mark_non_differentiable(updated, ratio)
+        ctx.set_materialize_grads(False)
 
     torch.library.register_autograd(f"{ns}::partial_conv2d", _backward, setup_context=setup_context)
     register_autocast(ns)

@@ -2,8 +2,8 @@
 
 Routes: ``"aten_conv"`` (ATen's convolution, cuDNN or oneDNN, on X*M, then the epilogue pass; the default) and
 ``"gemm"`` (pconv_cuda's own GEMM over X*M: im2col + GEMM on the CPU, an implicit-GEMM kernel with the epilogue
-fused on CUDA). ``"auto"`` lets the backend choose: on the CPU a rule (gemm for NCHW output maps of at most 64
-pixels), on CUDA cuDNN unless ``torch.backends.cudnn.benchmark`` is on, in which case each eligible route is timed
+fused on CUDA). ``"auto"`` lets the backend choose: on the CPU always aten_conv (oneDNN; measured faster on every
+U-Net layer), on CUDA cuDNN unless ``torch.backends.cudnn.benchmark`` is on, in which case each eligible route is timed
 once per shape (CUDA events) and the faster one is cached for the process.
 
 Precedence: :func:`set_route` / :func:`use_route` > the ``PCONV_CPU_ROUTE`` / ``PCONV_CUDA_ROUTE`` environment

@@ -296,7 +296,7 @@ def test_opcheck(backend, s):
         x, m, w, b = make_inputs(s, torch.float64, device, requires_grad=requires_grad)
         torch.library.opcheck(backend.ops.partial_conv2d.default, (x, m, w, b, *conv_args(s)))
         out, upd, ratio, xm = backend.ops.partial_conv2d(x, m, w, b, *conv_args(s))
-        conv_input = x.detach() if m is None else xm
+        conv_input = (x if m is None else xm).detach()
         torch.library.opcheck(backend.ops._partial_conv2d_backward.default,
                               (torch.randn_like(out), conv_input, m, w.detach(), ratio, upd, *conv_args(s),
                                [True, True, requires_grad]))

@@ -21,8 +21,6 @@ using at::Tensor;
 
 // Work items below which a loop stays on one thread.
 constexpr int64_t kGrainElements = 32768;
-// The auto route rule (see auto_candidates): the gemm route for output maps of at most this many pixels.
-constexpr int64_t kGemmMaxOutputPixels = 64;
 
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
@@ -328,8 +326,10 @@ struct CpuPrimitives {
 
   // On small output maps oneDNN's per-call cost dominates and a GEMM over im2col wins (0.6x-0.9x of aten_conv at
   // 4..64 output pixels); on large maps im2col's traffic loses (up to 9x). Measurements: docs/benchmarks.md.
+  // oneDNN always: once X*M is formed for the backward anyway, im2col + GEMM lost on every U-Net layer measured
+  // (1.3x-1.5x slower on the 4..64-pixel maps where it used to win by skipping X*M; docs/benchmarks.md).
   std::vector<Route> auto_candidates(const Geometry& g, const Tensor& conv_in, bool supported) {
-    return {supported && g.Ho * g.Wo <= kGemmMaxOutputPixels ? Route::Gemm : Route::AtenConv};
+    return {Route::AtenConv};
   }
 
   Tensor gemm_conv(const Tensor& conv_in, const Tensor& weight, const Tensor& bias, const Tensor& ratio,

@@ -1,0 +1,357 @@
+"""ONNX export of the pconv_cuda ops, with both of ``torch.onnx.export``'s exporters.
+
+The ops are lowered to standard ONNX operators (no custom domain, so any runtime runs the model), with the maths
+of docs/architecture.md::
+
+    S      = Conv(M, ones(1, C_m, kh, kw))          window sum of the mask (C_m = C_in multi-channel, else 1)
+    U      = Clip(S, 0, 1)                          the updated mask
+    ratio  = Where(S == 0, 0, win / S * U)          float32 (float64 for float64 input)
+    Y      = Conv(Where(M == 0, 0, X * M), W) * ratio + b * U
+
+``mask=None`` counts the in-bounds taps with the same ones-Conv over a ones plane of the input's spatial size
+(``ConstantOfShape(Shape(X)[2:4])``), so border windows are renormalised and the batch axis stays dynamic; the
+convolution then reads X as it is.
+
+* ``dynamo=True`` (torch.export): :func:`custom_translation_table` maps ``torch.ops.pconv_cuda.partial_conv2d``
+  (and ``mask_update``) to ONNX Script functions, passed as ``torch.onnx.export(...,
+  custom_translation_table=...)``, the way torch documents for custom ops.
+* ``dynamo=False`` (TorchScript): :func:`register_torchscript_symbolics` registers symbolic functions with
+  ``torch.onnx.register_custom_op_symbolic`` (opset 11 and later); importing this module does it, so a plain
+  ``torch.onnx.export(..., dynamo=False)`` works after ``import pconv_cuda.onnx``.
+
+Both build the same graph from one lowering (:func:`_lower_partial_conv2d`). :func:`export` does the
+registration, passes the table and makes the batch axis dynamic: one call for either exporter. Importing this
+module needs neither onnx nor onnxscript; they are imported when an export runs (``pip install 'pconv_cuda[onnx]'``).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["export", "custom_translation_table", "register_torchscript_symbolics", "TORCHSCRIPT_OPSET"]
+
+#: The lowest opset the TorchScript symbolics are registered for (Clip with min/max inputs, Slice with inputs).
+TORCHSCRIPT_OPSET = 11
+
+# ONNX TensorProto data types (the values of onnx.TensorProto.* and onnx_ir.DataType.*).
+_FLOAT, _FLOAT16, _DOUBLE, _BFLOAT16 = 1, 10, 11, 16
+_FLOATING = {_FLOAT, _FLOAT16, _DOUBLE, _BFLOAT16}
+
+
+# --- one lowering, two graph builders ---------------------------------------------------------------------------
+
+class _Builder:
+    """The few things the lowering needs from a graph builder: ``op(type, *inputs, **attributes)``,
+    ``const(numpy array)``, ``dtype(value)`` (an ONNX TensorProto data type) and ``shape(value)``."""
+
+    def op(self, op_type: str, *inputs, **attrs):
+        raise NotImplementedError
+
+    def const(self, array: np.ndarray):
+        raise NotImplementedError
+
+    def dtype(self, value) -> int:
+        raise NotImplementedError
+
+    def shape(self, value) -> Optional[List[Optional[int]]]:
+        raise NotImplementedError
+
+
+class _OnnxScriptBuilder(_Builder):
+    """ONNX Script ops, recorded by the dynamo exporter's tracer (the values are onnx_ir Values)."""
+
+    def __init__(self) -> None:
+        import onnx_ir as ir
+        from onnxscript import opset18
+
+        self._ir = ir
+        self._opset = opset18
+
+    def op(self, op_type, *inputs, **attrs):
+        attrs = {k: (self._ir.tensor(v) if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}
+        return getattr(self._opset, op_type)(*inputs, **attrs)
+
+    def const(self, array):
+        return self._opset.Constant(value=self._ir.tensor(array))
+
+    def dtype(self, value):
+        return int(value.dtype)
+
+    def shape(self, value):
+        if value.shape is None:
+            return None
+        return [d if isinstance(d, int) else None for d in value.shape]
+
+
+class _TorchScriptBuilder(_Builder):
+    """``g.op`` of the TorchScript exporter (attribute names get the type suffix g.op wants)."""
+
+    def __init__(self, g) -> None:
+        self.g = g
+
+    def op(self, op_type, *inputs, **attrs):
+        named = {}
+        for key, v in attrs.items():
+            if isinstance(v, np.ndarray):
+                named[key + "_t"] = torch.from_numpy(v)
+            elif isinstance(v, float):
+                named[key + "_f"] = v
+            else:  # int, bool, list of ints
+                named[key + "_i"] = v
+        return self.g.op(op_type, *inputs, **named)
+
+    def const(self, array):
+        return self.g.op("Constant", value_t=torch.from_numpy(array))
+
+    def dtype(self, value):
+        from torch.onnx._internal.torchscript_exporter import _type_utils
+
+        scalar = _type_utils.JitScalarType.from_value(value, _type_utils.JitScalarType.FLOAT)
+        return int(scalar.onnx_type())
+
+    def shape(self, value):
+        from torch.onnx._internal.torchscript_exporter import symbolic_helper
+
+        return symbolic_helper._get_tensor_sizes(value)
+
+
+def _np_dtype(onnx_dtype: int):
+    return np.float64 if onnx_dtype == _DOUBLE else np.float32
+
+
+def _window_sum(b: _Builder, x, mask, kernel: Sequence[int], stride, padding, dilation, multi_channel: bool,
+                c_in: int):
+    """S (N_mask or 1, 1, H', W') in float32 (float64 for float64 input), and win = kh*kw (*C_in)."""
+    kh, kw = kernel
+    acc = _DOUBLE if b.dtype(x) == _DOUBLE else _FLOAT
+    conv = dict(strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
+                dilations=list(dilation), group=1)
+    win = kh * kw * (c_in if multi_channel else 1)
+    if mask is None:
+        # In-bounds taps: a ones-Conv over a ones plane (1, 1, H, W) shaped like the input's spatial size, so the
+        # graph stays valid for any batch (and H, W). Every channel counts alike: multi-channel S is C_in times
+        # it, which leaves ratio and U unchanged (S is an integer >= 1, or 0).
+        hw = b.op("Slice", b.op("Shape", x), b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64)))
+        plane_shape = b.op("Concat", b.const(np.array([1, 1], np.int64)), hw, axis=0)
+        plane = b.op("ConstantOfShape", plane_shape, value=np.ones((1,), _np_dtype(acc)))
+        s = b.op("Conv", plane, b.const(np.ones((1, 1, kh, kw), _np_dtype(acc))), **conv)
+        win = kh * kw  # per channel: the same ratio as C_in*kh*kw / (C_in*S)
+        return s, win, acc
+    m = mask if b.dtype(mask) == acc else b.op("Cast", mask, to=acc)
+    c_m = c_in if multi_channel else 1
+    s = b.op("Conv", m, b.const(np.ones((1, c_m, kh, kw), _np_dtype(acc))), **conv)
+    return s, win, acc
+
+
+def _ratio_and_update(b: _Builder, s, win: int, acc: int):
+    """U = clamp(S, 0, 1); ratio = win / S * U where S != 0, else 0 (NaN stays NaN)."""
+    zero = b.const(np.array(0, _np_dtype(acc)))
+    one = b.const(np.array(1, _np_dtype(acc)))
+    update = b.op("Clip", s, zero, one)
+    is_zero = b.op("Equal", s, zero)
+    safe = b.op("Where", is_zero, one, s)
+    ratio = b.op("Mul", b.op("Div", b.const(np.array(win, _np_dtype(acc))), safe), update)
+    ratio = b.op("Where", is_zero, zero, ratio)
+    return ratio, update
+
+
+def _cast(b: _Builder, value, from_: int, to: int):
+    # from_ is tracked by the lowering: the builders do not always type intermediate values.
+    return value if from_ == to else b.op("Cast", value, to=to)
+
+
+def _lower_partial_conv2d(b: _Builder, input, mask, weight, bias, stride, padding, dilation, groups,
+                          multi_channel):
+    """(output, updated_mask, ratio, masked_input) of pconv_cuda::partial_conv2d in ONNX operators."""
+    w_shape = b.shape(weight)
+    if w_shape is None or len(w_shape) != 4 or any(d is None for d in w_shape):
+        raise RuntimeError("pconv_cuda ONNX export: the weight's shape must be known (static) at export time")
+    c_out, c_in_g, kh, kw = w_shape
+    c_in = c_in_g * groups
+    x_dtype = b.dtype(input)
+    s, win, acc = _window_sum(b, input, mask, (kh, kw), stride, padding, dilation, multi_channel, c_in)
+    ratio, update = _ratio_and_update(b, s, win, acc)
+
+    if mask is None:
+        conv_in = input
+        masked_input = b.const(np.zeros((0,), np.float32))  # the op returns an empty tensor for mask=None
+        masked_input = _cast(b, masked_input, _FLOAT, x_dtype)
+    else:
+        # X*M as a select, so that NaN / inf stored in a hole never reaches the output.
+        m = _cast(b, mask, b.dtype(mask), x_dtype)
+        zero = _cast(b, b.const(np.array(0, np.float32)), _FLOAT, x_dtype)
+        conv_in = b.op("Where", b.op("Equal", m, zero), zero, b.op("Mul", input, m))
+        masked_input = conv_in
+    raw = b.op("Conv", conv_in, weight, strides=list(stride),
+               pads=[padding[0], padding[1], padding[0], padding[1]], dilations=list(dilation), group=groups,
+               kernel_shape=[kh, kw])
+    # Renormalise in the ratio's precision (float32 for half input), as the kernels do.
+    out = b.op("Mul", _cast(b, raw, x_dtype, acc), ratio)
+    if bias is not None:
+        b4 = b.op("Reshape", _cast(b, bias, b.dtype(bias), acc), b.const(np.array([1, c_out, 1, 1], np.int64)))
+        out = b.op("Add", out, b.op("Mul", b4, update))
+    out = _cast(b, out, acc, x_dtype)
+    return out, _cast(b, update, acc, x_dtype), ratio, masked_input
+
+
+def _lower_mask_update(b: _Builder, mask, kernel_size, stride, padding, dilation, multi_channel):
+    """(ratio, updated_mask) of pconv_cuda::mask_update."""
+    m_shape = b.shape(mask)
+    c_m = m_shape[1] if m_shape is not None and len(m_shape) == 4 else None
+    if multi_channel and c_m is None:
+        raise RuntimeError("pconv_cuda ONNX export: a multi-channel mask_update needs the mask's channel count")
+    m_dtype = b.dtype(mask)
+    s, win, acc = _window_sum(b, mask, mask, kernel_size, stride, padding, dilation, multi_channel, c_m or 1)
+    ratio, update = _ratio_and_update(b, s, win, acc)
+    return ratio, _cast(b, update, acc, m_dtype if m_dtype in _FLOATING else _FLOAT)
+
+
+# --- dynamo exporter (torch.export + ONNX Script) ---------------------------------------------------------------
+
+def _onnxscript_partial_conv2d(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    return _lower_partial_conv2d(_OnnxScriptBuilder(), input, mask, weight, bias, list(stride), list(padding),
+                                 list(dilation), int(groups), bool(multi_channel))
+
+
+def _onnxscript_mask_update(mask, kernel_size, stride, padding, dilation, multi_channel):
+    return _lower_mask_update(_OnnxScriptBuilder(), mask, list(kernel_size), list(stride), list(padding),
+                              list(dilation), bool(multi_channel))
+
+
+def custom_translation_table() -> Dict[Callable, Callable]:
+    """The ``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: the pconv_cuda ops to ONNX
+    Script functions that build standard ONNX operators. Needs onnxscript when the export runs."""
+    import pconv_cuda  # noqa: F401  (registers the ops)
+
+    return {
+        torch.ops.pconv_cuda.partial_conv2d.default: _onnxscript_partial_conv2d,
+        torch.ops.pconv_cuda.mask_update.default: _onnxscript_mask_update,
+    }
+
+
+# --- TorchScript exporter ---------------------------------------------------------------------------------------
+
+def _ints(value) -> List[int]:
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper
+
+    return [int(v) for v in symbolic_helper._maybe_get_const(value, "is")]
+
+
+def _torchscript_partial_conv2d(g, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
+
+    return _lower_partial_conv2d(
+        _TorchScriptBuilder(g), input, None if sh._is_none(mask) else mask, weight,
+        None if sh._is_none(bias) else bias, _ints(stride), _ints(padding), _ints(dilation),
+        int(sh._maybe_get_const(groups, "i")), bool(sh._maybe_get_const(multi_channel, "b")))
+
+
+def _torchscript_mask_update(g, mask, kernel_size, stride, padding, dilation, multi_channel):
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
+
+    return _lower_mask_update(_TorchScriptBuilder(g), mask, _ints(kernel_size), _ints(stride), _ints(padding),
+                              _ints(dilation), bool(sh._maybe_get_const(multi_channel, "b")))
+
+
+def register_torchscript_symbolics(opset_version: int = TORCHSCRIPT_OPSET) -> None:
+    """Registers the symbolics of ``pconv_cuda::partial_conv2d`` and ``pconv_cuda::mask_update`` for
+    ``torch.onnx.export(..., dynamo=False)`` with ``torch.onnx.register_custom_op_symbolic``; they serve
+    ``opset_version`` and later. Idempotent (a second registration replaces the first)."""
+    torch.onnx.register_custom_op_symbolic("pconv_cuda::partial_conv2d", _torchscript_partial_conv2d,
+                                           opset_version)
+    torch.onnx.register_custom_op_symbolic("pconv_cuda::mask_update", _torchscript_mask_update, opset_version)
+
+
+# Registered on import (it needs torch only), so that a plain torch.onnx.export(..., dynamo=False) works too.
+register_torchscript_symbolics()
+
+
+# --- one call for users -----------------------------------------------------------------------------------------
+
+def _flat_tensors(value) -> List[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(value)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def export(model: torch.nn.Module, args: Any, f: Optional[str | os.PathLike] = None, dynamo: bool = True, *,
+           dynamic_batch: bool = True, **kwargs):
+    """Exports ``model`` (a module using pconv_cuda's ops, e.g. ``PartialConv2d`` or
+    ``pconv_cuda.inpainting.PConvUNet``) to ONNX with standard operators only.
+
+    Args:
+        model: the module. Call ``model.eval()`` first (BatchNorm, dropout), as for any ONNX export.
+        args: example positional inputs, a tuple of tensors (or one tensor). Trailing ``None`` arguments (e.g. the
+            mask of ``PartialConv2d`` for ``mask_in=None``) are dropped: the model's default is used.
+        f: the ``.onnx`` file to write, or ``None`` (``dynamo=True`` returns the ``torch.onnx.ONNXProgram``,
+            whose ``.save(path)`` writes it).
+        dynamo: ``True`` for the torch.export-based exporter (the ops are translated by
+            :func:`custom_translation_table`), ``False`` for the TorchScript one (the symbolics of
+            :func:`register_torchscript_symbolics`, registered here).
+        dynamic_batch: make axis 0 dynamic ("batch") for every input whose first dimension equals the first
+            input's (other inputs, e.g. a batch-1 mask that broadcasts, keep their size), and for the outputs
+            (the TorchScript exporter marks those outputs whose axis 0 equals the batch; the dynamo one infers
+            them). torch.export specialises sizes 1: with ``dynamo=True`` and an example batch of 1, the batch
+            inputs are repeated to 2 for tracing (their values do not matter, only their shapes).
+            Ignored where ``kwargs`` has ``dynamic_shapes`` or ``dynamic_axes``.
+        **kwargs: passed on to ``torch.onnx.export`` (``opset_version``, ``input_names``, ``output_names``,
+            ``external_data``, ...). A ``custom_translation_table`` given here is merged with pconv_cuda's.
+
+    Returns:
+        What ``torch.onnx.export`` returns: the ``ONNXProgram`` with ``dynamo=True``, ``None`` otherwise.
+
+    Needs onnx and onnxscript (``pip install 'pconv_cuda[onnx]'``); onnxruntime runs the result. float32 and
+    float16 models run in onnxruntime's CPU provider; float64 ones export, but that provider has no float64 Conv.
+
+    Example::
+
+        import pconv_cuda, pconv_cuda.onnx
+        layer = pconv_cuda.PartialConv2d(3, 8, 3, padding=1, return_mask=True).eval()
+        pconv_cuda.onnx.export(layer, (torch.randn(2, 3, 32, 32), torch.ones(2, 1, 32, 32)), "pconv.onnx")
+    """
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    args = tuple(args)
+    while args and args[-1] is None:
+        args = args[:-1]
+    if any(a is None for a in args):
+        raise ValueError("pconv_cuda.onnx.export: only trailing arguments may be None")
+    user_dynamic = "dynamic_shapes" in kwargs or "dynamic_axes" in kwargs
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    batch = tensors[0].shape[0] if tensors and tensors[0].dim() > 0 else None
+    is_batch = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch for a in args]
+    make_dynamic = dynamic_batch and not user_dynamic and batch is not None
+
+    if dynamo:
+        table = custom_translation_table()
+        table.update(kwargs.pop("custom_translation_table", None) or {})
+        if make_dynamic:
+            if batch == 1:
+                args = tuple(a.expand(2, *a.shape[1:]).contiguous() if dyn else a for a, dyn in zip(args, is_batch))
+            dim = torch.export.Dim("batch")
+            kwargs["dynamic_shapes"] = tuple({0: dim} if dyn else None for dyn in is_batch)
+        kwargs.setdefault("verbose", False)
+        with warnings.catch_warnings():
+            # Each input's batch axis is the one Dim, which the renaming pass reports once per extra input.
+            warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape.*")
+            return torch.onnx.export(model, args, f, dynamo=True, custom_translation_table=table, **kwargs)
+
+    register_torchscript_symbolics()
+    if make_dynamic:
+        input_names = list(kwargs.get("input_names") or [f"input_{i}" for i in range(len(args))])
+        output_names = kwargs.get("output_names")
+        with torch.no_grad():
+            outputs = _flat_tensors(model(*args))
+        if output_names is None:
+            output_names = [f"output_{i}" for i in range(len(outputs))]
+        dynamic_axes = {name: {0: "batch"} for name, dyn in zip(input_names, is_batch) if dyn}
+        dynamic_axes.update({name: {0: "batch"} for name, t in zip(output_names, outputs)
+                             if t.dim() > 0 and t.shape[0] == batch})
+        kwargs.update(input_names=input_names, output_names=list(output_names), dynamic_axes=dynamic_axes)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message="The feature will be removed")
+        return torch.onnx.export(model, args, f, dynamo=False, **kwargs)

@@ -1,0 +1,210 @@
+"""ONNX export (pconv_cuda.onnx) with both exporters, run in onnxruntime and compared with PyTorch.
+
+Tolerances: the graphs compute the same float32 maths as the kernels, but the convolution is onnxruntime's (MLAS)
+and not ATen's, so the summation order differs: ~1e-7 relative per output, a few ulp of the largest partial sum.
+rtol=1e-5 / atol=1e-4 leaves a margin for outputs of order 1-10 (renormalised by ratios up to kh*kw). The mask
+path sums 0/1 values in float32, which is exact, so the updated masks must be equal (atol=0).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("onnx", reason="ONNX export tests need onnx (pip install 'pconv_cuda[onnx]')")
+pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (pip install 'pconv_cuda[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="the exported models run in onnxruntime (pip install "
+                                                "'pconv_cuda[onnx]')")
+
+import onnx  # noqa: E402
+
+import pconv_cuda  # noqa: E402
+import pconv_cuda.onnx as pconv_onnx  # noqa: E402
+
+EXPORTERS = [pytest.param(True, id="dynamo"), pytest.param(False, id="torchscript")]
+RTOL, ATOL = 1e-5, 1e-4
+STANDARD_OPS = {"Conv", "Mul", "Div", "Add", "Where", "Equal", "Clip", "Cast", "Constant", "Shape", "Slice",
+                "Concat", "ConstantOfShape", "Reshape", "Expand", "Gather", "Unsqueeze", "Relu", "LeakyRelu",
+                "BatchNormalization", "Resize", "Identity", "Sqrt", "Sub", "Squeeze", "Split"}
+
+
+def _export(model, args, path, dynamo):
+    kwargs = {"external_data": False} if dynamo else {}
+    pconv_onnx.export(model, args, str(path), dynamo=dynamo, **kwargs)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    # Standard operators of the default domain only: no pconv_cuda node left for the runtime to miss.
+    assert {n.domain for n in proto.graph.node} <= {""}, {n.domain for n in proto.graph.node}
+    assert {n.op_type for n in proto.graph.node} <= STANDARD_OPS, {n.op_type for n in proto.graph.node}
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run(session, inputs):
+    names = [i.name for i in session.get_inputs()]
+    assert len(names) == len(inputs)
+    return [torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})]
+
+
+def _as_list(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _binary_mask(n, c, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(n, c, h, w, generator=g) > 0.4).float()
+    mask[0, :, :4, :4] = 0  # a whole window of hole: S = 0 there
+    return mask
+
+
+# name: (PartialConv2d kwargs, mask kind): mask kind "single" | "multi" | "none" | "batch1" | "bool"
+CASES = {
+    "single_mask": (dict(), "single"),
+    "multi_channel_mask": (dict(multi_channel=True), "multi"),
+    "mask_none": (dict(), "none"),
+    "mask_none_multi_channel": (dict(multi_channel=True, kernel_size=(5, 3), padding=(2, 1)), "none"),
+    "stride2": (dict(kernel_size=4, stride=2, padding=1), "single"),
+    "no_bias_groups_dilation": (dict(bias=False, groups=2, dilation=2, padding=2), "single"),
+    "mask_batch1": (dict(), "batch1"),
+    "bool_mask": (dict(stride=(2, 1)), "bool"),
+    "no_return_mask": (dict(return_mask=False), "single"),
+}
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_partial_conv2d_module(case, dynamo, tmp_path):
+    kwargs, mask_kind = CASES[case]
+    kwargs = {"kernel_size": 3, "padding": 1, "return_mask": True, **kwargs}
+    torch.manual_seed(0)
+    c_in = 4
+    layer = pconv_cuda.PartialConv2d(c_in, 6, **kwargs).eval()
+
+    def inputs(n, seed):
+        x = torch.randn(n, c_in, 12, 11, generator=torch.Generator().manual_seed(seed))
+        if mask_kind == "none":
+            return (x,)
+        mask = _binary_mask(1 if mask_kind == "batch1" else n, c_in if mask_kind == "multi" else 1, 12, 11, seed)
+        x = x.masked_fill(mask == 0, float("nan"))  # holes are exact holes: NaN there never reaches the output
+        return (x, mask.bool() if mask_kind == "bool" else mask)
+
+    session = _export(layer, inputs(2, 1), tmp_path / "layer.onnx", dynamo)
+    for n in (2, 3, 1):  # the export batch and others: the batch axis is dynamic
+        args = inputs(n, 10 + n)
+        with torch.no_grad():
+            expected = _as_list(layer(*args))
+        got = _run(session, args)
+        assert len(got) == len(expected)
+        torch.testing.assert_close(got[0], expected[0], rtol=RTOL, atol=ATOL)
+        assert torch.isfinite(got[0]).all()
+        if len(expected) > 1:
+            torch.testing.assert_close(got[1], expected[1].contiguous(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_float16(dynamo, tmp_path):
+    # The graph renormalises in float32 (as the kernels do) and casts back: the output differs from PyTorch's by
+    # the fp16 rounding of the convolution (eps 1e-3; outputs of order 1-5 here), hence 1e-2 / 1e-2.
+    torch.manual_seed(0)
+    layer = pconv_cuda.PartialConv2d(3, 4, 3, padding=1, return_mask=True).half().eval()
+    x, mask = torch.randn(2, 3, 10, 10).half(), _binary_mask(2, 1, 10, 10, seed=7).half()
+    session = _export(layer, (x, mask), tmp_path / "half.onnx", dynamo)
+    got = _run(session, (x, mask))
+    with torch.no_grad():
+        expected = layer(x, mask)
+    assert got[0].dtype == got[1].dtype == torch.float16
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+
+
+class _RawOp(torch.nn.Module):
+    """All four outputs of the op itself: (output, updated_mask, ratio, masked_input)."""
+
+    def __init__(self, multi_channel: bool, with_mask: bool = True):
+        super().__init__()
+        self.conv = pconv_cuda.PartialConv2d(3, 5, 3, stride=2, padding=1, multi_channel=multi_channel)
+        self.with_mask = with_mask
+
+    def forward(self, x, mask=None):
+        c = self.conv
+        return torch.ops.pconv_cuda.partial_conv2d(x, mask, c.weight, c.bias, c.stride, c.padding, c.dilation,
+                                                   c.groups, c.multi_channel)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("multi_channel", [False, True], ids=["single", "multi"])
+def test_raw_op_all_outputs(multi_channel, dynamo, tmp_path):
+    torch.manual_seed(0)
+    model = _RawOp(multi_channel).eval()
+    x = torch.randn(2, 3, 10, 10)
+    mask = _binary_mask(2, 3 if multi_channel else 1, 10, 10, seed=3)
+    session = _export(model, (x, mask), tmp_path / "op.onnx", dynamo)
+    x3, mask3 = torch.randn(3, 3, 10, 10), _binary_mask(3, 3 if multi_channel else 1, 10, 10, seed=4)
+    with torch.no_grad():
+        expected = model(x3, mask3)
+    got = _run(session, (x3, mask3))
+    torch.testing.assert_close(got[0], expected[0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)  # updated mask
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-6, atol=0)  # ratio (float32 division)
+    torch.testing.assert_close(got[3], expected[3], rtol=0, atol=0)  # masked input X*M
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_mask_update(dynamo, tmp_path):
+    class MaskUpdate(torch.nn.Module):
+        def forward(self, mask):
+            return pconv_cuda.mask_update(mask, 3, stride=2, padding=1, multi_channel=True)
+
+    mask = _binary_mask(2, 3, 9, 9, seed=5)
+    session = _export(MaskUpdate().eval(), (mask,), tmp_path / "mask.onnx", dynamo)
+    mask3 = _binary_mask(3, 3, 9, 9, seed=6)
+    expected = MaskUpdate()(mask3)
+    got = _run(session, (mask3,))
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the model's input checks read shapes
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_pconv_unet(dynamo, tmp_path):
+    pytest.importorskip("PIL", reason="pconv_cuda.inpainting needs the 'inpainting' extra")
+    from pconv_cuda.inpainting import PConvUNet
+
+    torch.manual_seed(0)
+    model = PConvUNet(layer_size=4, in_channels=3, base_channels=8).eval()
+    # Non-trivial BatchNorm statistics, so that the exported BN is checked too.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+
+    def inputs(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 3, 64, 64, generator=g), _binary_mask(n, 1, 64, 64, seed)
+
+    session = _export(model, inputs(2, 0), tmp_path / "unet.onnx", dynamo)
+    args = inputs(3, 1)
+    with torch.no_grad():
+        expected = model(*args)
+    got = _run(session, args)
+    # 8 partial convs deep, outputs up to ~15: the differences stay below 1e-5 (measured ~7e-6).
+    torch.testing.assert_close(got[0], expected[0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got[1], expected[1].contiguous(), rtol=0, atol=0)
+
+
+def test_plain_torchscript_export_after_import(tmp_path):
+    # Importing pconv_cuda.onnx registers the symbolics: torch.onnx.export(..., dynamo=False) works directly.
+    layer = pconv_cuda.PartialConv2d(2, 3, 3, padding=1).eval()
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.warns(DeprecationWarning):
+        torch.onnx.export(layer, (x,), str(tmp_path / "plain.onnx"), dynamo=False)
+    got = _run(ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"]), (x,))
+    torch.testing.assert_close(got[0], layer(x).detach(), rtol=RTOL, atol=ATOL)
+
+
+def test_import_does_not_need_onnx(tmp_path):
+    code = ("import sys; import pconv_cuda.onnx; "
+            "bad = [m for m in ('onnx', 'onnxscript', 'onnxruntime', 'onnx_ir') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # (not the source tree's package)
