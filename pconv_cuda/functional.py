@@ -66,9 +66,9 @@ def partial_conv2d(
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
     # Through the autograd.Function (one backward with the op's own registration) rather than the bare op: its
     # setup_context makes torch.func (grad, vjp, jacrev, vmap) work, which the dispatcher's autograd does not.
-    output, updated, _, _ = PartialConv2dFunction.apply(input, mask, weight, bias, stride_, padding_, dilation_,
+    output, updated_mask, _, _ = PartialConv2dFunction.apply(input, mask, weight, bias, stride_, padding_, dilation_,
                                                         groups, bool(multi_channel))
-    return output, updated
+    return output, updated_mask
 
 
 def mask_update(
@@ -117,9 +117,9 @@ class PartialConv2dFunction(torch.autograd.Function):
         input, mask, weight, bias, stride, padding, dilation, groups, multi_channel = inputs
         conv_args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups,
                      bool(multi_channel))
-        _, updated, ratio, masked_input = output
-        ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_input, conv_args)
-        ctx.mark_non_differentiable(updated, ratio)
+        _, updated_mask, ratio, masked_input = output
+        ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, conv_args)
+        ctx.mark_non_differentiable(updated_mask, ratio)
         ctx.set_materialize_grads(False)
 
     @staticmethod

@@ -50,14 +50,14 @@ class PartialConv2d(nn.Conv2d):
         self._op_padding = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
 
     def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
-        output, updated = partial_conv2d(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
+        output, updated_mask = partial_conv2d(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
                                          self.dilation, self.groups, self.multi_channel)
         if not self.return_mask:
             return output
         if self.multi_channel:
-            batch = input.shape[0] if mask_in is None else updated.shape[0]
-            updated = updated.expand(batch, self.out_channels, -1, -1)
-        return output, updated
+            batch = input.shape[0] if mask_in is None else updated_mask.shape[0]
+            updated_mask = updated_mask.expand(batch, self.out_channels, -1, -1)
+        return output, updated_mask
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", multi_channel={self.multi_channel}, return_mask={self.return_mask}"

@@ -47,10 +47,11 @@ def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, g
     nm = mask.shape[0] if mask is not None else 1
     fmt = _layout(input)
     output = _empty((n, c_out, ho, wo), input, input.dtype, fmt)
-    updated = _empty((nm, 1, ho, wo), input, input.dtype)
+    updated_mask = _empty((nm, 1, ho, wo), input, input.dtype)
     ratio = _empty((nm, 1, ho, wo), input, _ratio_dtype(input.dtype))
-    masked_input = _empty(input.shape, input, input.dtype, fmt) if mask is not None else _empty((0,), input, input.dtype)
-    return output, updated, ratio, masked_input
+    masked_input = (_empty(input.shape, input, input.dtype, fmt) if mask is not None
+                    else _empty((0,), input, input.dtype))
+    return output, updated_mask, ratio, masked_input
 
 
 def _layout(t: Tensor) -> torch.memory_format:
@@ -78,19 +79,19 @@ def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channe
 
 # --- autograd: one backward shared by the ops' registrations and the public autograd.Function --------------------
 
-def save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_input, conv_args,
+def save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, conv_args,
                       ns: str = "pconv_cuda") -> None:
     # The weight gradient needs the convolution's input: X*M as the forward formed it (the input for mask=None),
     # so the backward never rebuilds it. This keeps one input-sized tensor per layer alive until the backward.
     # Under autocast the op ran on cast copies: the backward takes the input and weight in the dtype it computed in
-    # (`updated` has it); autograd casts the gradients back to each leaf's dtype.
-    dtype = updated.dtype
+    # (`updated_mask` has it); autograd casts the gradients back to each leaf's dtype.
+    dtype = updated_mask.dtype
 
     def as_computed(t):  # (no .to() when the dtype matches: it would hand back the very tensor, an alias)
         return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
 
     conv_input = as_computed(input) if mask is None else masked_input
-    ctx.save_for_backward(conv_input, as_computed(mask), as_computed(weight), ratio, updated)
+    ctx.save_for_backward(conv_input, as_computed(mask), as_computed(weight), ratio, updated_mask)
     ctx.conv_args = conv_args  # (stride, padding, dilation, groups, multi_channel)
     ctx.has_bias = bias is not None
     ctx.ns = ns
@@ -108,15 +109,15 @@ def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = 
     output_mask = [needs[0], needs[2], ctx.has_bias and needs[3]]
     if not any(output_mask):
         return None, None, None
-    conv_input, mask, weight, ratio, updated = ctx.saved_tensors
+    conv_input, mask, weight, ratio, updated_mask = ctx.saved_tensors
     if grad_output is None:
         grad_input = grad_weight = grad_bias = None
     elif torch.is_grad_enabled():
         grad_input, grad_weight, grad_bias = _differentiable_grads(
-            grad_output, conv_input, mask, weight, ratio, updated, ctx.conv_args, output_mask)
+            grad_output, conv_input, mask, weight, ratio, updated_mask, ctx.conv_args, output_mask)
     else:
         backward = getattr(torch.ops, ctx.ns)._partial_conv2d_backward
-        grad_input, grad_weight, grad_bias = backward(grad_output, conv_input, mask, weight, ratio, updated,
+        grad_input, grad_weight, grad_bias = backward(grad_output, conv_input, mask, weight, ratio, updated_mask,
                                                       *ctx.conv_args, output_mask)
     if grad_masked_input is not None and mask is not None and output_mask[0]:
         extra = _hole_select(grad_masked_input, mask)  # d(X*M)/dX = M, exactly 0 in holes
@@ -129,12 +130,12 @@ def _hole_select(t: Tensor, mask: Tensor) -> Tensor:
     return torch.where(m == 0, torch.zeros((), dtype=t.dtype, device=t.device), t * m)
 
 
-def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated, conv_args, output_mask):
+def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_mask, conv_args, output_mask):
     """The fused backward written with differentiable ops: same maths, one more graph level."""
     stride, padding, dilation, groups, _ = conv_args
     acc = ratio.dtype  # float32 (float64 for float64): as the kernels accumulate
     g = (grad_output.to(acc) * ratio).to(grad_output.dtype)
-    grad_bias = (grad_output.to(acc) * updated.to(acc)).sum((0, 2, 3)).to(grad_output.dtype) \
+    grad_bias = (grad_output.to(acc) * updated_mask.to(acc)).sum((0, 2, 3)).to(grad_output.dtype) \
         if output_mask[2] else None
     grad_input = grad_weight = None
     if output_mask[0] or output_mask[1]:
@@ -159,10 +160,10 @@ def register_library(ns: str) -> None:
 
     def setup_context(ctx, inputs, output) -> None:
         input, mask, weight, bias, *conv_args = inputs
-        _, updated, ratio, masked_input = output
-        save_for_backward(ctx, input, mask, weight, bias, ratio, updated, masked_input, tuple(conv_args), ns)
+        _, updated_mask, ratio, masked_input = output
+        save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, tuple(conv_args), ns)
         # masked_input (X*M) stays differentiable: a double backward reaches X through the weight gradient.
-        ctx.mark_non_differentiable(updated, ratio)
+        ctx.mark_non_differentiable(updated_mask, ratio)
         ctx.set_materialize_grads(False)
 
     torch.library.register_autograd(f"{ns}::partial_conv2d", _backward, setup_context=setup_context)

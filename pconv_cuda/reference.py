@@ -8,7 +8,8 @@ deliberately not optimised.
 One deliberate difference from NVIDIA's layer: the bias branch there multiplies the renormalised output by the
 updated mask once more (``((raw - b) * ratio + b) * U``), which for soft masks whose window sum S lies in (0, 1)
 scales ``raw`` by U**2 while the no-bias branch scales it by U. Here both branches compute
-``raw * ratio + b * U`` (docs/architecture.md, "The maths"). For binary masks, and wherever S >= 1 or S == 0, the two agree.
+``raw * ratio + b * U`` (docs/architecture.md, "The maths"). For binary masks, and wherever S >= 1 or S == 0,
+the two agree.
 """
 from __future__ import annotations
 
@@ -58,15 +59,15 @@ def partial_conv2d(
             win = kh * kw
         s = F.conv2d(mask, ones, None, stride, padding, dilation, 1)
         ratio = win / (s + EPS)
-        updated = torch.clamp(s, 0, 1)
-        ratio = ratio * updated
+        updated_mask = torch.clamp(s, 0, 1)
+        ratio = ratio * updated_mask
     raw = F.conv2d(input * mask, weight, bias, stride, padding, dilation, groups)
     if bias is not None:
         b = bias.view(1, c_out, 1, 1)
-        output = (raw - b) * ratio + b * updated
+        output = (raw - b) * ratio + b * updated_mask
     else:
         output = raw * ratio
-    return output, updated
+    return output, updated_mask
 
 
 class PartialConv2d(nn.Conv2d):
@@ -83,10 +84,10 @@ class PartialConv2d(nn.Conv2d):
         self.return_mask = return_mask
 
     def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
-        output, updated = partial_conv2d(
+        output, updated_mask = partial_conv2d(
             input, mask_in, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
             self.multi_channel,
         )
         if self.return_mask:
-            return output, updated
+            return output, updated_mask
         return output

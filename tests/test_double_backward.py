@@ -10,7 +10,7 @@ import os
 
 import pconv_cuda
 from pconv_cuda import reference
-from conftest import SAMPLES, conv_args, make_inputs
+from helpers import SAMPLES, conv_args, make_inputs
 
 # The epsilon-free pure-PyTorch layer (benchmarks/peer.py): same semantics as the op, differentiable to any order.
 # NVIDIA's reference adds 1e-8 to S, which second derivatives amplify to ~1e-6 relative.

@@ -10,7 +10,7 @@ from torch import nn
 
 import pconv_cuda
 from pconv_cuda import reference, routes
-from conftest import Backend, Sample, conv_args, cuda_unavailable, make_inputs
+from helpers import Backend, Sample, conv_args, cuda_unavailable, make_inputs
 
 NON_FINITE = (float("nan"), float("inf"), float("-inf"))
 

@@ -54,7 +54,7 @@ def test_emulated_library_has_the_same_schemas():
 
 
 def test_cuda_build_registers_every_op():
-    # Issue 3: whenever the build had CUDA, every op has a real CUDA kernel (not the missing-kernel fallback).
+    # Whenever the build had CUDA, every op has a real CUDA kernel (not the missing-kernel fallback).
     if not pconv_cuda._C.WITH_CUDA:
         pytest.skip("CPU-only build")
     assert ops.MISSING_CUDA_KERNELS == ()

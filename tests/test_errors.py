@@ -104,7 +104,7 @@ def test_cuda_tensor_without_cuda_kernels():
 def test_cuda_kernels_poison_bad_mask_values_with_nan(route, monkeypatch):
     # The CUDA kernels cannot raise without a host sync, so a mask value outside [0, 1] makes the ratio, U and
     # output of every window that reads it NaN: visible, never a silent wrong answer. Other pixels are unaffected.
-    from conftest import emu_unavailable
+    from helpers import emu_unavailable
 
     if emu_unavailable():
         pytest.skip(emu_unavailable())

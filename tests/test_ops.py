@@ -1,4 +1,4 @@
-"""The ops against the reference and gradcheck, over the shared samples and backends (conftest.py)."""
+"""The ops against the reference and gradcheck, over the shared samples and backends (helpers.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ from torch.autograd import gradcheck
 
 import pconv_cuda
 from pconv_cuda import reference
-from conftest import BACKENDS, SAMPLES, Backend, Sample, conv_args, make_inputs, use_backend, with_
+from helpers import BACKENDS, SAMPLES, Backend, Sample, conv_args, make_inputs, use_backend, with_
 
 # Tolerances by dtype. The reference adds 1e-8 to S; for binary masks S >= 1 where it matters, so that is a 1e-8
 # relative deviation, below float32 resolution and covered by 1e-6 in float64 (soft masks: 1e-8 / S, S >= 0.01 here).

@@ -2,7 +2,7 @@
 
 bench.py times the peer against the fused op; the comparison only means something if both compute the same thing.
 In float64 the two agree to rounding (1e-10), outputs, updated masks and gradients, over the shared samples
-(conftest.SAMPLES: single/multi-channel, stride 2, mask None, batch-1 mask, soft masks, groups, no bias, ...).
+(helpers.SAMPLES: single/multi-channel, stride 2, mask None, batch-1 mask, soft masks, groups, no bias, ...).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pconv_cuda
-from conftest import SAMPLES, Sample, conv_args, make_inputs
+from helpers import SAMPLES, Sample, conv_args, make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def _load_peer():
 
 peer = _load_peer()
 
-# The cases the peer must cover, by name in conftest.SAMPLES; the test fails if one goes missing there.
+# The cases the peer must cover, by name in helpers.SAMPLES; the test fails if one goes missing there.
 REQUIRED = ["k3", "multi", "k5_s2_p3", "mask_none", "mask_none_multi", "mask_batch1", "soft", "soft_multi",
             "groups2", "groups4_multi", "no_bias", "no_bias_soft", "holes", "zeros"]
 

@@ -8,7 +8,7 @@ import torch
 
 import pconv_cuda
 from pconv_cuda import routes
-from conftest import Sample, conv_args, emu_unavailable, make_inputs
+from helpers import Sample, conv_args, emu_unavailable, make_inputs
 
 EMU = "pconv_cuda_emu"
 ENV = {"cpu": "PCONV_CPU_ROUTE", "cuda": "PCONV_CUDA_ROUTE"}

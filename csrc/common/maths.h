@@ -70,16 +70,16 @@ C10_HOST_DEVICE inline acc_t plane_value(acc_t v) {
 // No epsilon: win / S is finite for every S > 0 in the accumulation type (float for half types), which is what
 // keeps fp16 free of inf.
 template <typename acc_t>
-C10_HOST_DEVICE inline void ratio_and_update(acc_t s, acc_t win, acc_t* ratio, acc_t* update) {
+C10_HOST_DEVICE inline void ratio_and_update(acc_t s, acc_t win, acc_t* ratio, acc_t* updated_mask) {
   if (s > acc_t(0)) {
     const acc_t u = s < acc_t(1) ? s : acc_t(1);
-    *update = u;
+    *updated_mask = u;
     *ratio = win / s * u;
   } else if (s == s) {
-    *update = acc_t(0);
+    *updated_mask = acc_t(0);
     *ratio = acc_t(0);
   } else {
-    *update = s;
+    *updated_mask = s;
     *ratio = s;
   }
 }
@@ -123,8 +123,8 @@ C10_HOST_DEVICE inline int64_t all_ones_window_sum(const Geometry& g, int64_t oh
 
 // The epilogue: Y = raw * ratio + b * U (bias removed in holes, renormalised elsewhere).
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t renormalise(acc_t raw, acc_t ratio, acc_t bias, acc_t update) {
-  return raw * ratio + bias * update;
+C10_HOST_DEVICE inline acc_t renormalise(acc_t raw, acc_t ratio, acc_t bias, acc_t updated_mask) {
+  return raw * ratio + bias * updated_mask;
 }
 
 // Unsigned 32-bit division by a divisor fixed at launch, in a multiply-high, an add and a shift (Granlund and

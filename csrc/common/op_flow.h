@@ -8,12 +8,12 @@
 //                                                         sum of mask[n] over channels (acc dtype, NaN where a
 //                                                         value is outside [0, 1]) when plane is defined; false
 //                                                         if a bad value was seen and the backend can report it
-//   void ratio_update(plane, g, ratio, update)            S by window sums of the plane (or closed form when plane
+//   void ratio_update(plane, g, ratio, updated_mask)      S by window sums of the plane (or closed form when plane
 //                                                         is undefined: mask=None), then ratio and U
-//   void epilogue(out, ratio, update, bias, g)            out = out * ratio + b * U, in place
-//   void grad_output(dy, gy, db, ratio, update, g)        gy = dY * ratio; db = sum dY * U when db is defined
+//   void epilogue(out, ratio, updated_mask, bias, g)      out = out * ratio + b * U, in place
+//   void grad_output(dy, gy, db, ratio, updated_mask, g)  gy = dY * ratio; db = sum dY * U when db is defined
 //   bool gemm_supported(g, conv_in)                       whether the gemm route can run this call
-//   Tensor gemm_conv(conv_in, weight, bias, ratio, update, g)   the gemm route's finished output
+//   Tensor gemm_conv(conv_in, weight, bias, ratio, updated_mask, g)   the gemm route's finished output
 //   std::vector<Route> auto_candidates(g, conv_in, supported)   one route, or several to time (autotuning)
 //   double time_ms(fn)                                    runs fn and times it
 //
@@ -111,46 +111,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d(Prim& prim, const Tens
   const at::MemoryFormat fmt = layout_of(input);
   const Tensor x = input.contiguous(fmt);
   Tensor ratio = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options().dtype(ratio_dtype(input.scalar_type())));
-  Tensor update = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options());
+  Tensor updated_mask = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options());
   Tensor xm, plane;
   if (has(mask)) {
     xm = at::empty(x.sizes(), x.options(), fmt);
     plane = at::empty({g.mask_batch, 1, g.H, g.W}, ratio.options());
     if (!prim.mask_pass(mask->contiguous(fmt), x, xm, plane)) fail_invalid_mask(op, *mask);
   }
-  prim.ratio_update(plane, g, ratio, update);
+  prim.ratio_update(plane, g, ratio, updated_mask);
 
   const Tensor& conv_in = has(mask) ? xm : x;
   const Tensor b = has(bias) ? bias->contiguous() : Tensor();
   auto run = [&](Route route) {
-    if (route == Route::Gemm) return prim.gemm_conv(conv_in, weight, b, ratio, update, g);
+    if (route == Route::Gemm) return prim.gemm_conv(conv_in, weight, b, ratio, updated_mask, g);
     Tensor out = at::convolution(conv_in, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
                                  /*output_padding=*/{0, 0}, groups)
                      .contiguous(fmt);
-    prim.epilogue(out, ratio, update, b, g);
+    prim.epilogue(out, ratio, updated_mask, b, g);
     return out;
   };
   const Route route = choose_route(prim, g, conv_in, weight, run);
   record_route(Prim::device_type, route);
   Tensor out = run(route);
-  return {out, update, ratio, has(mask) ? xm : at::empty({0}, input.options())};
+  return {out, updated_mask, ratio, has(mask) ? xm : at::empty({0}, input.options())};
 }
 
 template <class Prim>
 std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward(
     Prim& prim, const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask,
-    const Tensor& weight, const Tensor& ratio, const Tensor& update, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool multi_channel, std::array<bool, 3> output_mask) {
+    const Tensor& weight, const Tensor& ratio, const Tensor& updated_mask, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
+    std::array<bool, 3> output_mask) {
   const char* op = "pconv_cuda::_partial_conv2d_backward";
   const Geometry g = check_conv_args(op, masked_input, mask, weight, c10::nullopt, stride, padding, dilation,
                                      groups, multi_channel);
-  check_backward_args(op, grad_output, ratio, update, masked_input, g);
+  check_backward_args(op, grad_output, ratio, updated_mask, masked_input, g);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const at::MemoryFormat fmt = layout_of(masked_input);
   const Tensor dy = grad_output.contiguous(fmt);
   Tensor gy = at::empty(dy.sizes(), dy.options(), fmt);
   Tensor db = need_bias ? at::empty({g.C_out}, masked_input.options()) : Tensor();
-  prim.grad_output(dy, gy, db, ratio.contiguous(), update.contiguous(), g);
+  prim.grad_output(dy, gy, db, ratio.contiguous(), updated_mask.contiguous(), g);
 
   Tensor dx, dw;
   if (need_input || need_weight) {
@@ -178,12 +179,12 @@ std::tuple<Tensor, Tensor> mask_update(Prim& prim, const Tensor& mask, at::IntAr
   const Geometry g = check_mask_update_args(mask, kernel_size, stride, padding, dilation, multi_channel);
   const at::ScalarType update_dtype = mask_only_dtype(mask.scalar_type());
   Tensor ratio = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(ratio_dtype(update_dtype)));
-  Tensor update = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(update_dtype));
+  Tensor updated_mask = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(update_dtype));
   Tensor plane = at::empty({g.N, 1, g.H, g.W}, ratio.options());
   Tensor no_input, no_output;
   if (!prim.mask_pass(mask.contiguous(layout_of(mask)), no_input, no_output, plane)) fail_invalid_mask(op, mask);
-  prim.ratio_update(plane, g, ratio, update);
-  return {ratio, update};
+  prim.ratio_update(plane, g, ratio, updated_mask);
+  return {ratio, updated_mask};
 }
 
 }  // namespace pconv

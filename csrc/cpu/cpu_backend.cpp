@@ -105,7 +105,7 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
 
 // S per output pixel from the channel-summed plane, then ratio and U.
 template <typename acc_t, typename update_t>
-void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t* update) {
+void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t* updated_mask) {
   const acc_t win = static_cast<acc_t>(g.window_size());
   const int64_t HW = g.H * g.W;
   at::parallel_for(0, g.mask_batch * g.Ho, grain_for(g.Wo * g.win.kh * g.win.kw), [&](int64_t begin, int64_t end) {
@@ -116,7 +116,7 @@ void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t*
         acc_t r, u;
         ratio_and_update(window_sum<acc_t>(pl, g.H, g.W, g.win, oh, ow), win, &r, &u);
         ratio[row * g.Wo + ow] = r;
-        update[row * g.Wo + ow] = static_cast<update_t>(u);
+        updated_mask[row * g.Wo + ow] = static_cast<update_t>(u);
       }
     }
   });
@@ -124,14 +124,14 @@ void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t*
 
 // mask=None: S is the number of in-bounds taps (times C_in for multi-channel); no mask exists to read.
 template <typename acc_t, typename update_t>
-void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* update) {
+void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* updated_mask) {
   const acc_t win = static_cast<acc_t>(g.window_size());
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       acc_t r, u;
       ratio_and_update(static_cast<acc_t>(all_ones_window_sum(g, oh, ow)), win, &r, &u);
       ratio[oh * g.Wo + ow] = r;
-      update[oh * g.Wo + ow] = static_cast<update_t>(u);
+      updated_mask[oh * g.Wo + ow] = static_cast<update_t>(u);
     }
   }
 }
@@ -139,7 +139,7 @@ void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* update) {
 // ---------------------------------------------------------------------------------------------------------------
 // Epilogue, in place on the conv output: Y = raw * ratio + b * U. `out` is contiguous in NCHW or NHWC.
 template <typename scalar_t, typename acc_t>
-void epilogue_kernel(Tensor& out, const acc_t* ratio, const scalar_t* update, const scalar_t* bias,
+void epilogue_kernel(Tensor& out, const acc_t* ratio, const scalar_t* updated_mask, const scalar_t* bias,
                      const Geometry& g) {
   using opmath_t = acc_t;  // float for half types
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
@@ -150,7 +150,7 @@ void epilogue_kernel(Tensor& out, const acc_t* ratio, const scalar_t* update, co
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / HW, p = i % HW;
         const opmath_t r = static_cast<opmath_t>(ratio[n * mask_stride + p]);
-        const opmath_t u = static_cast<opmath_t>(update[n * mask_stride + p]);
+        const opmath_t u = static_cast<opmath_t>(updated_mask[n * mask_stride + p]);
         scalar_t* yi = y + i * C;
         for (int64_t c = 0; c < C; ++c) {
           const opmath_t b = bias ? static_cast<opmath_t>(bias[c]) : opmath_t(0);
@@ -163,7 +163,7 @@ void epilogue_kernel(Tensor& out, const acc_t* ratio, const scalar_t* update, co
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / C, c = plane % C;
         const acc_t* r = ratio + n * mask_stride;
-        const scalar_t* u = update + n * mask_stride;
+        const scalar_t* u = updated_mask + n * mask_stride;
         const opmath_t b = bias ? static_cast<opmath_t>(bias[c]) : opmath_t(0);
         scalar_t* yp = y + plane * HW;
         for (int64_t p = 0; p < HW; ++p) {
@@ -178,7 +178,7 @@ void epilogue_kernel(Tensor& out, const acc_t* ratio, const scalar_t* update, co
 // grad_output pass: G = dY * ratio and db[c] = sum dY * U, one read of dY. db is deterministic: its partial sums
 // are taken over a fixed partition of the pixels and added in a fixed order, whatever the thread count.
 template <typename scalar_t, typename acc_t>
-void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t* ratio, const scalar_t* update,
+void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t* ratio, const scalar_t* updated_mask,
                         const Geometry& g) {
   using opmath_t = acc_t;  // float for half types
   const scalar_t* d = dy.const_data_ptr<scalar_t>();
@@ -196,7 +196,7 @@ void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t*
         for (int64_t i = k * kChunk; i < std::min(pixels, (k + 1) * kChunk); ++i) {
           const int64_t n = i / HW, p = i % HW;
           const opmath_t r = static_cast<opmath_t>(ratio[n * mask_stride + p]);
-          const opmath_t u = static_cast<opmath_t>(update[n * mask_stride + p]);
+          const opmath_t u = static_cast<opmath_t>(updated_mask[n * mask_stride + p]);
           for (int64_t c = 0; c < C; ++c) {
             const opmath_t v = static_cast<opmath_t>(d[i * C + c]);
             o[i * C + c] = static_cast<scalar_t>(v * r);
@@ -219,7 +219,7 @@ void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t*
         opmath_t total = opmath_t(0);
         for (int64_t n = 0; n < g.N; ++n) {
           const acc_t* r = ratio + n * mask_stride;
-          const scalar_t* u = update + n * mask_stride;
+          const scalar_t* u = updated_mask + n * mask_stride;
           const scalar_t* dp = d + (n * C + c) * HW;
           scalar_t* op = o + (n * C + c) * HW;
           // kLanes interleaved partial sums (added in a fixed order below) break the add chain, so the loop
@@ -289,34 +289,34 @@ struct CpuPrimitives {
     return valid;
   }
 
-  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& update) {
+  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& updated_mask) {
     AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "pconv_ratio", [&] {
       using acc_t = scalar_t;
       acc_t* ratio_p = ratio.mutable_data_ptr<acc_t>();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio_update", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, updated_mask.scalar_type(), "pconv_ratio_update", [&] {
         if (plane.defined()) {
-          ratio_kernel<acc_t>(plane.const_data_ptr<acc_t>(), g, ratio_p, update.mutable_data_ptr<scalar_t>());
+          ratio_kernel<acc_t>(plane.const_data_ptr<acc_t>(), g, ratio_p, updated_mask.mutable_data_ptr<scalar_t>());
         } else {
-          ratio_all_ones_kernel<acc_t>(g, ratio_p, update.mutable_data_ptr<scalar_t>());
+          ratio_all_ones_kernel<acc_t>(g, ratio_p, updated_mask.mutable_data_ptr<scalar_t>());
         }
       });
     });
   }
 
-  void epilogue(Tensor& out, const Tensor& ratio, const Tensor& update, const Tensor& bias, const Geometry& g) {
+  void epilogue(Tensor& out, const Tensor& ratio, const Tensor& updated_mask, const Tensor& bias, const Geometry& g) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pconv_epilogue", [&] {
       using acc_t = acc_type_t<scalar_t>;
-      epilogue_kernel<scalar_t, acc_t>(out, ratio.const_data_ptr<acc_t>(), update.const_data_ptr<scalar_t>(),
+      epilogue_kernel<scalar_t, acc_t>(out, ratio.const_data_ptr<acc_t>(), updated_mask.const_data_ptr<scalar_t>(),
                                        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, g);
     });
   }
 
-  void grad_output(const Tensor& dy, Tensor& gy, Tensor& db, const Tensor& ratio, const Tensor& update,
+  void grad_output(const Tensor& dy, Tensor& gy, Tensor& db, const Tensor& ratio, const Tensor& updated_mask,
                    const Geometry& g) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "pconv_grad_output", [&] {
       using acc_t = acc_type_t<scalar_t>;
       grad_output_kernel<scalar_t, acc_t>(dy, gy, db.defined() ? db.mutable_data_ptr<scalar_t>() : nullptr,
-                                          ratio.const_data_ptr<acc_t>(), update.const_data_ptr<scalar_t>(), g);
+                                          ratio.const_data_ptr<acc_t>(), updated_mask.const_data_ptr<scalar_t>(), g);
     });
   }
 
@@ -333,7 +333,7 @@ struct CpuPrimitives {
   }
 
   Tensor gemm_conv(const Tensor& conv_in, const Tensor& weight, const Tensor& bias, const Tensor& ratio,
-                   const Tensor& update, const Geometry& g) {
+                   const Tensor& updated_mask, const Geometry& g) {
     const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups, HWo = g.Ho * g.Wo;
     const int64_t K = Cg * g.win.kh * g.win.kw;
     Tensor out = at::empty({g.N, g.C_out, g.Ho, g.Wo}, conv_in.options());
@@ -350,7 +350,7 @@ struct CpuPrimitives {
         at::mm_out(dst, w2.narrow(0, gi * Cog, Cog), cols);
       }
     }
-    epilogue(out, ratio, update, bias, g);
+    epilogue(out, ratio, updated_mask, bias, g);
     return out;
   }
 
@@ -376,10 +376,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& inpu
 
 std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(
     const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask, const Tensor& weight,
-    const Tensor& ratio, const Tensor& update, at::IntArrayRef stride, at::IntArrayRef padding,
+    const Tensor& ratio, const Tensor& updated_mask, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool multi_channel, std::array<bool, 3> output_mask) {
   CpuPrimitives prim;
-  return partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, update, stride, padding,
+  return partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
                                  dilation, groups, multi_channel, output_mask);
 }
 

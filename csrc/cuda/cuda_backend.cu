@@ -52,13 +52,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_conv2d_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& masked_input, const c10::optional<at::Tensor>& mask,
-    const at::Tensor& weight, const at::Tensor& ratio, const at::Tensor& update, at::IntArrayRef stride,
+    const at::Tensor& weight, const at::Tensor& ratio, const at::Tensor& updated_mask, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
     std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(masked_input.device());
   CudaLaunch launch{c10::cuda::getCurrentCUDAStream().stream()};
   CudaPrimitives<CudaLaunch> prim{launch};
-  return partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, update, stride, padding,
+  return partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
                                  dilation, groups, multi_channel, output_mask);
 }
 

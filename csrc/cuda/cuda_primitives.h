@@ -76,13 +76,13 @@ struct CudaPrimitives {
     return true;  // bad values cannot be reported without a host sync: they show as NaN (maths.h, plane_value)
   }
 
-  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& update) {
+  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& updated_mask) {
     check_index_range("output pixels per image", g.Ho * g.Wo);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, update.scalar_type(), "pconv_ratio", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, updated_mask.scalar_type(), "pconv_ratio", [&] {
       using acc_t = acc_type_t<scalar_t>;
       launch(ratio_kernel<acc_t, scalar_t>, ratio_config(g), ptr_or_null<acc_t>(plane), g,
              FastDivmod(static_cast<uint32_t>(g.Wo)), ratio.mutable_data_ptr<acc_t>(),
-             update.mutable_data_ptr<scalar_t>());
+             updated_mask.mutable_data_ptr<scalar_t>());
     });
   }
 
@@ -97,7 +97,7 @@ struct CudaPrimitives {
     return MaskPixel{s.Nm == 1 && s.N > 1, FastDivmod(static_cast<uint32_t>(std::max<int64_t>(1, s.HW)))};
   }
 
-  void epilogue(Tensor& out, const Tensor& ratio, const Tensor& update, const Tensor& bias, const Geometry& g) {
+  void epilogue(Tensor& out, const Tensor& ratio, const Tensor& updated_mask, const Tensor& bias, const Geometry& g) {
     const MapShape s = map_shape(out, ratio);
     const bool nhwc = layout_of(out) == at::MemoryFormat::ChannelsLast;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pconv_epilogue", [&] {
@@ -105,7 +105,7 @@ struct CudaPrimitives {
       constexpr int W = 16 / sizeof(scalar_t);
       scalar_t* y = out.mutable_data_ptr<scalar_t>();
       const acc_t* r = ratio.const_data_ptr<acc_t>();
-      const scalar_t* u = update.const_data_ptr<scalar_t>();
+      const scalar_t* u = updated_mask.const_data_ptr<scalar_t>();
       const scalar_t* b = ptr_or_null<scalar_t>(bias);
       if (!nhwc) {
         const bool vec = s.HW % W == 0 && aligned(y, 16) && aligned(r, W * sizeof(acc_t)) && aligned(u, 16);
@@ -125,7 +125,7 @@ struct CudaPrimitives {
     });
   }
 
-  void grad_output(const Tensor& dy, Tensor& gy, Tensor& db, const Tensor& ratio, const Tensor& update,
+  void grad_output(const Tensor& dy, Tensor& gy, Tensor& db, const Tensor& ratio, const Tensor& updated_mask,
                    const Geometry& g) {
     const MapShape s = map_shape(dy, ratio);
     const bool nhwc = layout_of(dy) == at::MemoryFormat::ChannelsLast;
@@ -135,7 +135,7 @@ struct CudaPrimitives {
       const scalar_t* d = dy.const_data_ptr<scalar_t>();
       scalar_t* o = gy.mutable_data_ptr<scalar_t>();
       const acc_t* r = ratio.const_data_ptr<acc_t>();
-      const scalar_t* u = update.const_data_ptr<scalar_t>();
+      const scalar_t* u = updated_mask.const_data_ptr<scalar_t>();
       Tensor partial;
       int64_t per_channel = 0;
       if (!nhwc) {
@@ -197,7 +197,7 @@ struct CudaPrimitives {
   }
 
   Tensor gemm_conv(const Tensor& conv_in, const Tensor& weight, const Tensor& bias, const Tensor& ratio,
-                   const Tensor& update, const Geometry& g) {
+                   const Tensor& updated_mask, const Geometry& g) {
     Tensor out = at::empty({g.N, g.C_out, g.Ho, g.Wo}, conv_in.options());
     const Tensor w = weight.contiguous();
     const GemmShape s = gemm_shape(g);
@@ -205,7 +205,7 @@ struct CudaPrimitives {
       using acc_t = acc_type_t<scalar_t>;
       launch(gemm_conv_kernel<scalar_t>, gemm_conv_config(s), conv_in.const_data_ptr<scalar_t>(),
              w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), ratio.const_data_ptr<acc_t>(),
-             update.const_data_ptr<scalar_t>(), s, out.mutable_data_ptr<scalar_t>());
+             updated_mask.const_data_ptr<scalar_t>(), s, out.mutable_data_ptr<scalar_t>());
     });
     return out;
   }

@@ -169,7 +169,7 @@ inline LaunchConfig plane_nhwc_config(int64_t pixels) {
 // all-ones mask, S from the in-bounds tap counts), then ratio and U. Images in blockIdx.y.
 template <typename acc_t, typename update_t>
 __global__ void ratio_kernel(const acc_t* __restrict__ plane, Geometry g, FastDivmod wo, acc_t* __restrict__ ratio,
-                             update_t* __restrict__ update) {
+                             update_t* __restrict__ updated_mask) {
   const int64_t HWo = g.Ho * g.Wo;
   const int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= HWo) return;
@@ -181,7 +181,7 @@ __global__ void ratio_kernel(const acc_t* __restrict__ plane, Geometry g, FastDi
     acc_t r, u;
     ratio_and_update(s, win, &r, &u);
     ratio[n * HWo + p] = r;
-    update[n * HWo + p] = static_cast<update_t>(u);
+    updated_mask[n * HWo + p] = static_cast<update_t>(u);
   }
 }
 
@@ -200,7 +200,7 @@ struct MapShape {
 
 template <typename scalar_t, int VEC>
 __global__ void epilogue_nchw_kernel(scalar_t* __restrict__ y, const acc_type_t<scalar_t>* __restrict__ ratio,
-                                     const scalar_t* __restrict__ update, const scalar_t* __restrict__ bias,
+                                     const scalar_t* __restrict__ updated_mask, const scalar_t* __restrict__ bias,
                                      MapShape s) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -212,7 +212,7 @@ __global__ void epilogue_nchw_kernel(scalar_t* __restrict__ y, const acc_type_t<
     const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
     const Pack<scalar_t, VEC> yv = load_pack<VEC>(y + plane * s.HW + p);
     const Pack<acc_t, VEC> r = load_pack<VEC>(ratio + mi);
-    const Pack<scalar_t, VEC> u = load_pack<VEC>(update + mi);
+    const Pack<scalar_t, VEC> u = load_pack<VEC>(updated_mask + mi);
     Pack<scalar_t, VEC> out;
     for (int v = 0; v < VEC; ++v) {
       out.v[v] = static_cast<scalar_t>(
@@ -224,13 +224,13 @@ __global__ void epilogue_nchw_kernel(scalar_t* __restrict__ y, const acc_type_t<
 
 template <typename scalar_t, int VEC>
 __global__ void epilogue_nhwc_kernel(scalar_t* __restrict__ y, const acc_type_t<scalar_t>* __restrict__ ratio,
-                                     const scalar_t* __restrict__ update, const scalar_t* __restrict__ bias,
+                                     const scalar_t* __restrict__ updated_mask, const scalar_t* __restrict__ bias,
                                      MapShape s, MaskPixel map_pixel) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t q = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (q >= s.N * s.HW) return;
   const int64_t mq = map_pixel(q);
-  const acc_t r = ratio[mq], u = static_cast<acc_t>(update[mq]);
+  const acc_t r = ratio[mq], u = static_cast<acc_t>(updated_mask[mq]);
   for (int64_t c = int64_t(threadIdx.x) * VEC; c < s.C; c += int64_t(blockDim.x) * VEC) {
     const Pack<scalar_t, VEC> yv = load_pack<VEC>(y + q * s.C + c);
     Pack<scalar_t, VEC> out;
@@ -252,7 +252,7 @@ template <typename scalar_t, int VEC>
 __global__ void grad_output_nchw_kernel(const scalar_t* __restrict__ dy, scalar_t* __restrict__ gy,
                                         acc_type_t<scalar_t>* __restrict__ partial,
                                         const acc_type_t<scalar_t>* __restrict__ ratio,
-                                        const scalar_t* __restrict__ update, MapShape s, int64_t n0) {
+                                        const scalar_t* __restrict__ updated_mask, MapShape s, int64_t n0) {
   using acc_t = acc_type_t<scalar_t>;
   __shared__ acc_t red[kThreads];
   const int64_t n = n0 + blockIdx.z, chunk = blockIdx.x, chunks = gridDim.x;
@@ -265,7 +265,7 @@ __global__ void grad_output_nchw_kernel(const scalar_t* __restrict__ dy, scalar_
     for (int64_t p = begin + int64_t(threadIdx.x) * VEC; p < end; p += int64_t(blockDim.x) * VEC) {
       const Pack<scalar_t, VEC> d = load_pack<VEC>(dy + base + p);
       const Pack<acc_t, VEC> r = load_pack<VEC>(ratio + mbase + p);
-      const Pack<scalar_t, VEC> u = load_pack<VEC>(update + mbase + p);
+      const Pack<scalar_t, VEC> u = load_pack<VEC>(updated_mask + mbase + p);
       Pack<scalar_t, VEC> out;
       for (int v = 0; v < VEC; ++v) {
         const acc_t dv = static_cast<acc_t>(d.v[v]);
@@ -299,7 +299,7 @@ template <typename scalar_t>
 __global__ void grad_output_nhwc_kernel(const scalar_t* __restrict__ dy, scalar_t* __restrict__ gy,
                                         acc_type_t<scalar_t>* __restrict__ partial,
                                         const acc_type_t<scalar_t>* __restrict__ ratio,
-                                        const scalar_t* __restrict__ update, MapShape s, MaskPixel map_pixel) {
+                                        const scalar_t* __restrict__ updated_mask, MapShape s, MaskPixel map_pixel) {
   using acc_t = acc_type_t<scalar_t>;
   __shared__ acc_t red[kGradRows][kGradChannels];
   const int64_t pixels = s.N * s.HW, chunk = blockIdx.x, chunks = gridDim.x;
@@ -312,7 +312,7 @@ __global__ void grad_output_nhwc_kernel(const scalar_t* __restrict__ dy, scalar_
         const int64_t mq = map_pixel(q);
         const acc_t dv = static_cast<acc_t>(dy[q * s.C + c]);
         gy[q * s.C + c] = static_cast<scalar_t>(dv * ratio[mq]);
-        sum += dv * static_cast<acc_t>(update[mq]);
+        sum += dv * static_cast<acc_t>(updated_mask[mq]);
       }
     }
     red[threadIdx.y][threadIdx.x] = sum;
@@ -367,7 +367,7 @@ struct GemmShape {
 template <typename scalar_t>
 __global__ void gemm_conv_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                                  const scalar_t* __restrict__ bias, const acc_type_t<scalar_t>* __restrict__ ratio,
-                                 const scalar_t* __restrict__ update, GemmShape s, scalar_t* __restrict__ y) {
+                                 const scalar_t* __restrict__ updated_mask, GemmShape s, scalar_t* __restrict__ y) {
   using acc_t = acc_type_t<scalar_t>;
   __shared__ acc_t w_tile[kTileK][kTileM];
   __shared__ acc_t x_tile[kTileK][kTileN];
@@ -411,7 +411,7 @@ __global__ void gemm_conv_kernel(const scalar_t* __restrict__ x, const scalar_t*
   }
   if (!pix_ok) return;
   const int64_t mi = (g.mask_batch == 1 ? 0 : int64_t(n)) * HWo + p;
-  const acc_t r_val = ratio[mi], u_val = static_cast<acc_t>(update[mi]);
+  const acc_t r_val = ratio[mi], u_val = static_cast<acc_t>(updated_mask[mi]);
   for (int r = 0; r < kRowsPerThread; ++r) {
     const int64_t co = co0 + ty + r * kTileK;
     if (co < Cog) {

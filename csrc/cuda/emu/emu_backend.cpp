@@ -54,11 +54,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d(const Tensor& input, c
 
 std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward(
     const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask, const Tensor& weight,
-    const Tensor& ratio, const Tensor& update, at::IntArrayRef stride, at::IntArrayRef padding,
+    const Tensor& ratio, const Tensor& updated_mask, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool multi_channel, std::array<bool, 3> output_mask) {
   EmuLaunch launch;
   cuda::CudaPrimitives<EmuLaunch> prim{launch};
-  return pconv::partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, update, stride,
+  return pconv::partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, updated_mask, stride,
                                         padding, dilation, groups, multi_channel, output_mask);
 }
 
