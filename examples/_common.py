@@ -1,53 +1,25 @@
-"""Helpers shared by the inpainting examples: images, built-in photographs, checkpoints, picture grids."""
+"""Helpers shared by the inpainting examples: device and precision options, images, checkpoints, picture grids.
+The images and datasets themselves live in pconv_cuda.inpainting.data (re-exported here under their old names)."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import ContextManager, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # Before PIL: pconv_cuda.inpainting checks the `inpainting` extra and names a missing module and the extra.
 from pconv_cuda.inpainting import PConvUNet, list_images
+from pconv_cuda.inpainting.data import (  # noqa: F401  (re-exported for the examples)
+    SKIMAGE_HELD_OUT, SKIMAGE_TRAIN, SKLEARN_HELD_OUT, SKLEARN_TRAIN, builtin_images, center_square, load_image,
+    random_crop, to_tensor,
+)
 
 from PIL import Image  # noqa: I001  (after the check above)
-
-#: Natural photographs bundled with scikit-image (no download), used when no image folder is given.
-SKIMAGE_TRAIN = (
-    "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera", "coins", "moon",
-    "brick", "grass", "gravel", "clock",
-)
-SKIMAGE_HELD_OUT = ("chelsea", "coffee")
-#: scikit-learn's two sample photographs, used when scikit-learn is installed.
-SKLEARN_TRAIN = ("china.jpg",)
-SKLEARN_HELD_OUT = ("flower.jpg",)
-
-
-def to_tensor(arr: np.ndarray) -> Tensor:
-    """HxW or HxWxC uint8/float array -> (3, H, W) float32 in [0, 1] (grey is repeated, alpha dropped)."""
-    a = np.asarray(arr)
-    if a.dtype == np.uint8:
-        a = a.astype(np.float32) / 255.0
-    elif a.dtype == bool:
-        a = a.astype(np.float32)
-    else:
-        a = a.astype(np.float32)
-        if a.max() > 1.0:  # some scikit-image arrays are uint16-like floats
-            a = a / a.max()
-    if a.ndim == 2:
-        a = a[:, :, None]
-    a = a[:, :, :3]
-    if a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-
-
-def load_image(path: os.PathLike | str) -> Tensor:
-    """Read an image file as (3, H, W) float32 in [0, 1]."""
-    return to_tensor(np.asarray(Image.open(path).convert("RGB")))
 
 
 def save_image(img: Tensor, path: os.PathLike | str) -> None:
@@ -58,28 +30,6 @@ def save_image(img: Tensor, path: os.PathLike | str) -> None:
     Image.fromarray(a).save(path)
 
 
-def builtin_images(held_out: bool) -> Dict[str, Tensor]:
-    """The photographs that ship with scikit-image (and scikit-learn, if installed): the training split, or the
-    held-out split used for evaluation."""
-    try:
-        from skimage import data
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit(
-            "no image folder given and scikit-image is not installed: pip install scikit-image, or pass a folder"
-        ) from e
-    out: Dict[str, Tensor] = {}
-    for name in SKIMAGE_HELD_OUT if held_out else SKIMAGE_TRAIN:
-        out[name] = to_tensor(getattr(data, name)())
-    try:
-        from sklearn.datasets import load_sample_image
-    except ImportError:
-        pass
-    else:
-        for name in SKLEARN_HELD_OUT if held_out else SKLEARN_TRAIN:
-            out[name.split(".")[0]] = to_tensor(load_sample_image(name))
-    return out
-
-
 def folder_images(root: os.PathLike | str, limit: Optional[int] = None) -> Dict[str, Tensor]:
     """Every image under ``root`` (sorted), loaded into memory."""
     paths = list_images(root)
@@ -88,43 +38,59 @@ def folder_images(root: os.PathLike | str, limit: Optional[int] = None) -> Dict[
     return {str(p.relative_to(root)): load_image(p) for p in paths[:limit]}
 
 
-def center_square(img: Tensor, size: int) -> Tensor:
-    """The largest centred square of (C, H, W), resized to size x size."""
-    _, h, w = img.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    crop = img[:, top : top + s, left : left + s]
-    out = F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].clamp(0, 1)
+#: --amp choices -> autocast dtype
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def random_crop(img: Tensor, size: int, rng: np.random.Generator) -> Tensor:
-    """A random square crop of a random side between ``size`` and the image's shorter side, resized to ``size``,
-    flipped left-right half of the time. The random side multiplies the few built-in photographs into many
-    scales."""
-    _, h, w = img.shape
-    if min(h, w) < size:
-        f = size / min(h, w)
-        img = F.interpolate(img[None], scale_factor=f, mode="bilinear", align_corners=False)[0]
-        _, h, w = img.shape
-    side = int(rng.integers(size, min(h, w) + 1))
-    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    crop = img[:, top : top + side, left : left + side]
-    if side != size:
-        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    if rng.integers(2):
-        crop = crop.flip(-1)
-    return crop.clamp(0, 1)
+def default_device() -> str:
+    """CUDA when available, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(path: os.PathLike | str, *, pconv=None, map_location: str = "cpu") -> Tuple[PConvUNet, dict]:
-    """Rebuild the model a training checkpoint describes and load its weights. Returns (model in eval mode,
-    checkpoint)."""
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device, --amp and --channels-last, shared by the three examples."""
+    p.add_argument("--device", default=None,
+                   help="torch device for the model, the loss and the data: cpu, cuda, cuda:1, ... "
+                        "(default: cuda when available, else cpu)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                   help="mixed precision with torch.autocast: bf16 (CPU and recent GPUs), fp16 (GPUs; training "
+                        "adds a GradScaler) or off (default: off, float32)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and inputs in channels_last memory format (the fast layout of cuDNN's "
+                        "tensor-core convolutions; combine with --amp on a GPU)")
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """The device of --device (None: default_device()); a clear error for an unavailable CUDA device."""
+    device = torch.device(name or default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def autocast(device: torch.device, amp: str) -> ContextManager:
+    """torch.autocast for --amp on ``device``'s type, or a no-op for 'off'."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def load_model(path: os.PathLike | str, *, pconv=None, map_location: str | torch.device = "cpu",
+               channels_last: bool = False) -> Tuple[PConvUNet, dict]:
+    """Rebuild the model a training checkpoint describes and load its weights, on ``map_location`` (a checkpoint
+    written on any device loads on any other). Returns (model in eval mode, checkpoint)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if "model" not in ckpt or "config" not in ckpt:
         raise SystemExit(f"{str(path)!r} is not a checkpoint written by examples/train_inpainting.py")
     model = PConvUNet(**ckpt["config"], pconv=pconv)
     model.load_state_dict(ckpt["model"])
+    model.to(map_location)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     return model.eval(), ckpt
 
 

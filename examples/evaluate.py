@@ -10,6 +10,9 @@ bucket (0.01,0.1], ..., (0.5,0.6], generated from ``--seed`` (so two checkpoints
 into buckets by hole ratio from ``--masks DIR``. Every image is paired with every mask of every bucket.
 PSNR and SSIM are scikit-image's (``data_range=1``; SSIM with its default 7x7 window, on RGB). ``--baseline
 biharmonic`` adds scikit-image's biharmonic inpainting on the same pairs, a learning-free reference point.
+The network runs on ``--device`` (default: CUDA when available), in batches of ``--batch-size`` image/mask pairs,
+optionally under ``--amp bf16|fp16`` (torch.autocast) and ``--channels-last``; the metrics are computed on the
+CPU in float64 from the composite.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from _common import builtin_images, center_square, composite, folder_images, load_model
+from _common import (
+    add_device_args, autocast, builtin_images, center_square, composite, folder_images, load_model, resolve_device,
+)
 from pconv_cuda.inpainting import HOLE_RATIO_BUCKETS, MaskFolder, bucket_name, make_bucketed_masks
 
 
@@ -34,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-bucket", type=int, default=10, help="masks per hole-ratio bucket (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated masks")
     p.add_argument("--size", type=int, help="image size (default: the checkpoint's training size)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="image/mask pairs per forward pass (default: 8)")
     p.add_argument("--baseline", choices=("none", "biharmonic"), default="none")
     p.add_argument("--json", type=Path, help="write the results here")
+    add_device_args(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--quiet", action="store_true")
     return p
@@ -85,7 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, ckpt = load_model(args.checkpoint)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint, map_location=device, channels_last=args.channels_last)
     size = args.size or int(ckpt.get("size", 256))
     if size % (2 ** model.layer_size):
         raise SystemExit(f"--size {size} must be a multiple of 2**layer_size = {2 ** model.layer_size}")
@@ -102,26 +111,28 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     methods = ["pconv"] + (["biharmonic"] if args.baseline == "biharmonic" else [])
     per: Dict[str, Dict[str, List[Dict[str, float]]]] = {m: {bucket_name(b): [] for b in buckets} for m in methods}
-    total = len(gts) * sum(len(v) for v in buckets.values())
-    bar = tqdm(total=total, disable=args.quiet, desc="evaluate", dynamic_ncols=True)
+    # Every (bucket, image, mask) pair, in that order, batched regardless of bucket and image.
+    pairs = [(bucket_name(b), gt, m) for b, masks in buckets.items() for gt in gts.values() for m in masks]
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    bar = tqdm(total=len(pairs), disable=args.quiet, desc="evaluate", dynamic_ncols=True)
     with torch.no_grad():
-        for b, masks in buckets.items():
-            name = bucket_name(b)
-            for gt in gts.values():
-                for i in range(0, len(masks), args.batch_size):
-                    m = torch.stack(masks[i : i + args.batch_size])
-                    x = gt.expand(len(m), -1, -1, -1)
-                    out, _ = model(x, m)
-                    comp = composite(out.float().clamp(0, 1), x, m)
-                    for j in range(len(m)):
-                        per["pconv"][name].append(metrics(_hwc(comp[j]), _hwc(gt)))
-                        if "biharmonic" in per:
-                            from skimage.restoration import inpaint_biharmonic
+        for i in range(0, len(pairs), args.batch_size):
+            chunk = pairs[i : i + args.batch_size]
+            x = torch.stack([gt for _, gt, _ in chunk])
+            m = torch.stack([mk for _, _, mk in chunk])
+            with autocast(device, args.amp):
+                out, _ = model(x.to(device).contiguous(memory_format=memory_format),
+                               m.to(device).contiguous(memory_format=memory_format))
+            comp = composite(out.float().clamp(0, 1).cpu(), x, m)
+            for j, (name, gt, mk) in enumerate(chunk):
+                per["pconv"][name].append(metrics(_hwc(comp[j]), _hwc(gt)))
+                if "biharmonic" in per:
+                    from skimage.restoration import inpaint_biharmonic
 
-                            holes = m[j, 0].numpy() < 0.5
-                            filled = inpaint_biharmonic(_hwc(gt), holes, channel_axis=-1)
-                            per["biharmonic"][name].append(metrics(np.clip(filled, 0, 1), _hwc(gt)))
-                        bar.update(1)
+                    holes = mk[0].numpy() < 0.5
+                    filled = inpaint_biharmonic(_hwc(gt), holes, channel_axis=-1)
+                    per["biharmonic"][name].append(metrics(np.clip(filled, 0, 1), _hwc(gt)))
+                bar.update(1)
     bar.close()
     results = {m: {b: _summarise(rows) for b, rows in per[m].items()} for m in methods}
     summary = {
@@ -129,6 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "config": ckpt.get("config"), "size": size, "images": list(gts),
         "masks": str(args.masks) if args.masks else f"generated, seed {args.seed}",
         "per_bucket": args.per_bucket, "buckets": [bucket_name(b) for b in HOLE_RATIO_BUCKETS],
+        "device": str(device), "amp": args.amp, "batch_size": args.batch_size,
         "results": results,
     }
     if not args.quiet:

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# --threads 1: on a small shared machine, OpenMP oversubscription slows these tiny convolutions ~100x.
 TINY = ["--size", "32", "--layer-size", "4", "--base-channels", "8", "--batch-size", "2",
-        "--vgg-weights", "random", "--quiet"]
+        "--vgg-weights", "random", "--quiet", "--threads", "1"]
 
 
 def _load(relpath: str):
@@ -31,6 +32,15 @@ def _load(relpath: str):
     finally:
         sys.path.remove(str(path.parent))
     return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread in each test (the examples' --threads changes it for the whole process), restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

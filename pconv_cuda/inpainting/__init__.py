@@ -1,5 +1,6 @@
-"""Image inpainting with partial convolutions (Liu et al. 2018): the PConv U-Net, the training loss and the
-irregular hole masks; see docs/inpainting.md. The examples (examples/) train, run and evaluate it.
+"""Image inpainting with partial convolutions (Liu et al. 2018): the PConv U-Net, the training loss, the
+irregular hole masks and the datasets that feed them; see docs/inpainting.md. The examples (examples/) train, run
+and evaluate it.
 
 Optional part of pconv_cuda: it needs the ``inpainting`` extra, ``pip install 'pconv_cuda[inpainting]'``
 (pillow, torchvision, scikit-image, tqdm). ``import pconv_cuda`` itself needs none of them.
@@ -45,6 +46,10 @@ from pconv_cuda.inpainting.masks import (  # noqa: E402
     save_bucketed_masks, save_mask,
 )
 from pconv_cuda.inpainting.model import PConvUNet, crop_to, encoder_plan, pad_to_multiple  # noqa: E402
+from pconv_cuda.inpainting.data import (  # noqa: E402
+    ImageDataset, InpaintingTrainSet, MaskDataset, TrainSampler, builtin_images, center_square, load_image,
+    make_train_loader, random_crop, sample_rng, seed_worker, to_tensor,
+)
 
 __all__ = [
     # model
@@ -56,4 +61,7 @@ __all__ = [
     "IrregularMaskGenerator", "MaskFolder", "augment_mask", "dilate_holes", "hole_ratio", "bucket_index",
     "bucket_name", "load_mask", "save_mask", "list_images", "make_bucketed_masks", "save_bucketed_masks",
     "HOLE_RATIO_BUCKETS", "DILATION_RANGE", "REFERENCE_SIZE", "IMAGE_SUFFIXES",
+    # data: datasets, the training sampler and loader
+    "ImageDataset", "MaskDataset", "InpaintingTrainSet", "TrainSampler", "make_train_loader", "seed_worker",
+    "sample_rng", "builtin_images", "load_image", "to_tensor", "center_square", "random_crop",
 ]
