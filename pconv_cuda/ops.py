@@ -62,6 +62,8 @@ def _layout(t: Tensor) -> torch.memory_format:
 
 def _partial_conv2d_backward_fake(grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
                                   dilation, groups, multi_channel, output_mask):
+    _check_devices("_partial_conv2d_backward", masked_input, grad_output=grad_output, mask=mask, weight=weight,
+                   ratio=ratio, updated_mask=updated_mask)
     input = masked_input
     grad_input = _empty(input.shape, input, input.dtype, _layout(input)) if output_mask[0] else None
     grad_weight = _empty(weight.shape, weight, weight.dtype, suggest_memory_format(weight)) if output_mask[1] else None

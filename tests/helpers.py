@@ -3,11 +3,14 @@
 Imported by the tests as `from helpers import ...`; the fixtures over these lists live in conftest.py."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
+from torch import nn
 
 import pconv_cuda
 
@@ -58,6 +61,21 @@ SAMPLES = [
     Sample("mask_none_multi", mask="none", multi_channel=True, kernel=(5, 3), padding=(2, 1)),
     Sample("mask_batch1", mask_batch=1),
     Sample("batch1", n=1),
+]
+
+# Shapes that reach kernel code SAMPLES leave alone; too large for gradcheck, they are checked against the
+# float64 oracle below (tests/test_kernel_paths.py, tests/test_ops.py). C_out/groups > 32: the gemm kernel's second
+# 32-channel tile (kTileM) and the rows r > 0 of each thread; a kernel larger than the image; dilation > 1 together
+# with stride > 1, unequal per axis.
+KERNEL_SAMPLES = [
+    Sample("cout40_tile2", n=2, c_in=3, c_out=40, h=6, w=5),
+    Sample("groups2_cout72_multi", n=1, c_in=4, c_out=72, h=5, w=6, groups=2, multi_channel=True, mask="holes"),
+    Sample("kernel_5x7_on_3x4", n=2, c_in=3, c_out=5, h=3, w=4, kernel=(5, 7), padding=(2, 3)),
+    Sample("kernel_7x7_on_2x3_soft_multi", n=2, c_in=2, c_out=3, h=2, w=3, kernel=(7, 7), padding=(3, 3),
+           multi_channel=True, mask="soft", mask_batch=1),
+    Sample("dilation2x3_stride2", c_out=5, h=11, w=13, stride=(2, 2), dilation=(2, 3), padding=(2, 3)),
+    Sample("dilation3_stride3x2_k2x3", c_out=5, h=12, w=11, kernel=(2, 3), stride=(3, 2), dilation=(3, 2),
+           padding=(1, 0), mask="holes"),
 ]
 
 @dataclass(frozen=True)
@@ -162,6 +180,120 @@ def use_backend(b: Backend, monkeypatch) -> Backend:
     if b.cuda_route:
         monkeypatch.setenv("PCONV_CUDA_ROUTE", b.cuda_route)
     return b
+
+
+def load_peer():
+    """benchmarks/peer.py: the epsilon-free pure-PyTorch partial convolution with the op's exact semantics (README,
+    "Exact semantics"), the float64 oracle of the tests (the reference keeps NVIDIA's +1e-8 on S)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peer.py"
+    spec = importlib.util.spec_from_file_location("bench_peer_oracle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+peer = load_peer()
+
+
+def _f64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+def oracle(x, m, w, b, s: Sample, grad: Optional[torch.Tensor] = None, magnitude: bool = False):
+    """The float64 epsilon-free result for the values of (x, m, w, b), whatever their dtype and device:
+    (output, updated_mask, {"input", "weight", "bias"} gradients for `grad`). With magnitude=True, the same for
+    |x|, |w|, |b| and |grad|: conv(|X*M|, |W|) * ratio + |b| * U and the gradients of that form, the scale
+    that bounds the rounding error of each element (every product and sum taken in absolute value)."""
+    x64, w64, b64, m64 = _f64(x), _f64(w), _f64(b), _f64(m)
+    g64 = _f64(grad)
+    if magnitude:
+        x64, w64 = x64.abs(), w64.abs()
+        b64 = None if b64 is None else b64.abs()
+        g64 = None if g64 is None else g64.abs()
+    leaves = {"input": x64.requires_grad_(True), "weight": w64.requires_grad_(True)}
+    if b64 is not None:
+        leaves["bias"] = b64.requires_grad_(True)
+    out, upd = peer.peer_partial_conv2d(x64, m64, w64, b64, *conv_args(s))
+    grads = {}
+    if g64 is not None:
+        grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), g64)))
+    return out.detach(), upd, grads
+
+
+# Unit roundoff of each dtype: half the spacing of the numbers in [1, 2). The kernels accumulate float16 and
+# bfloat16 in float32 (acc_type_t), float64 in float64; ATen's convolutions are taken to do the same (the measured
+# errors below stay within that).
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+ACC_ROUNDOFF = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-24, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+# Below the smallest normal number the spacing is absolute: float16's subnormals are 2^-24 apart.
+ABS_ROUNDOFF = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134, torch.float32: 2.0**-150, torch.float64: 0.0}
+
+
+def assert_rounding_close(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, dtype: torch.dtype,
+                          roundings: int, terms: int, what: str = "") -> None:
+    """Element by element: |got - want| <= (roundings * u + terms * u_acc) * magnitude + roundings * u_abs.
+
+    `want` is exact (float64 from the same rounded inputs), `magnitude` the same computation in absolute values
+    (oracle(magnitude=True)). Each rounding of an intermediate to `dtype` moves a value by at most u relative,
+    hence by u * magnitude; a sum of `terms` products accumulated in acc_type moves by at most terms * u_acc *
+    magnitude in any order (the standard recursive-summation bound). A uniformly 2%-wrong fp16 value fails."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got.detach().to("cpu", torch.float64) - want).abs()
+    relative = roundings * UNIT_ROUNDOFF[dtype] + terms * ACC_ROUNDOFF[dtype]
+    tol = relative * magnitude + roundings * ABS_ROUNDOFF[dtype]
+    bad = ~(err <= tol)  # NaN fails too
+    if bad.any():
+        i = int(torch.argmax(torch.where(bad, err / tol.clamp_min(1e-300), torch.zeros_like(err))))
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), err.shape))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} elements beyond {roundings} roundings of {dtype} and "
+            f"{terms} accumulated terms; worst at {idx}: got {float(got.flatten()[i])}, "
+            f"want {float(want.flatten()[i])}, error {float(err.flatten()[i]):.3g} > "
+            f"tolerance {float(tol.flatten()[i]):.3g}")
+
+
+# Element-by-element bounds against float64 computed from the same rounded inputs (assert_rounding_close):
+# |error| <= (r * u + terms * u_acc) * magnitude, magnitude = the same computation in absolute values, u the unit
+# roundoff of the dtype (fp16 2^-11 ~ 4.9e-4, bf16 2^-8 ~ 3.9e-3, fp32 2^-24), u_acc that of the float32
+# accumulation (acc_type_t) over `terms` products (summed_terms). r counts the roundings to the dtype:
+#   output      4: X*M (soft masks), the convolution's result (aten_conv stores it before the epilogue),
+#                  the epilogue's result, U feeding b * U (soft masks)
+#   grad_input  3: dY * ratio (stored before the transposed convolution), its result, * M (soft masks)
+#   grad_weight 3: X*M (soft masks), dY * ratio, the result
+#   grad_bias   2: U (soft masks), the result
+#   updated_mask 1: U = clamp(S, 0, 1) stored in the dtype (S summed in float32)
+# The ratio is float32 (or float64): its rounding is inside u_acc. Measured worst ratios of error / (u * magnitude)
+# on these samples: fp16 1.4 (output), 2.2 (grad_input); bf16 1.3; fp32 4.4 (with up to 100 accumulated terms).
+ROUNDINGS = {"output": 4, "input": 3, "weight": 3, "bias": 2}
+
+
+def output_size(s: Sample) -> Tuple[int, int]:
+    return tuple((size + 2 * p - d * (k - 1) - 1) // st + 1
+                 for size, k, st, p, d in zip((s.h, s.w), s.kernel, s.stride, s.padding, s.dilation))
+
+
+def summed_terms(s: Sample) -> Dict[str, int]:
+    """How many products each result sums (the `terms` of assert_rounding_close)."""
+    kh, kw = s.kernel
+    ho, wo = output_size(s)
+    return {"output": s.c_in // s.groups * kh * kw, "input": s.c_out // s.groups * kh * kw,
+            "weight": s.n * ho * wo, "bias": s.n * ho * wo}
+
+
+class PeerPartialConv2d(nn.Conv2d):
+    """The oracle as a layer with PartialConv2d's interface and NVIDIA's mask shapes (for PConvUNet(pconv=...))."""
+
+    def __init__(self, *args, multi_channel: bool = False, return_mask: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.multi_channel = multi_channel
+        self.return_mask = return_mask
+
+    def forward(self, input, mask_in=None):  # type: ignore[override]
+        out, upd = peer.peer_partial_conv2d(input, mask_in, self.weight, self.bias, self.stride, self.padding,
+                                            self.dilation, self.groups, self.multi_channel)
+        if self.multi_channel:
+            upd = upd.expand(input.shape[0] if mask_in is None else upd.shape[0], self.out_channels, -1, -1)
+        return (out, upd) if self.return_mask else out
 
 
 def nondet_tol(device: str) -> float:

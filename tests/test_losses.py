@@ -203,3 +203,88 @@ def test_loss_under_autocast_bfloat16():
     for k in InpaintingLoss.terms + ("total",):
         assert low[k].dtype == torch.float32
         assert low[k].item() == pytest.approx(ref[k].item(), rel=0.05), k
+
+
+class ThreeLevels(nn.Module):
+    """Three feature levels of different sizes and widths, each a simple function of the image:
+    the image (C 3, H x W), its 2x2 average pool (C 3, H/2 x W/2), and the squared first channel (C 1, H x W)."""
+
+    def forward(self, x):
+        return [x, torch.nn.functional.avg_pool2d(x, 2), x[:, :1] ** 2]
+
+
+def _gram_per_image(f):
+    n, c, h, w = f.shape
+    return torch.einsum("nchw,ndhw->ncd", f, f) / (c * h * w)
+
+
+def _tv_by_loops(comp, mask):
+    """The paper's L_tv for one image (C, H, W), pair by pair: both pixels in the 1-pixel dilation of the holes."""
+    c, h, w = comp.shape
+    hole = mask.expand(c, h, w) < 0.5
+    region = torch.zeros_like(hole)
+    for i in range(h):
+        for j in range(w):
+            region[:, i, j] = hole[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].flatten(1).any(1)
+    total = 0.0
+    for i in range(h):
+        for j in range(w):
+            for di, dj in ((0, 1), (1, 0)):
+                if i + di < h and j + dj < w:
+                    both = region[:, i, j] & region[:, i + di, j + dj]
+                    total += float(((comp[:, i, j] - comp[:, i + di, j + dj]).abs() * both).sum())
+    return total
+
+
+def test_every_feature_level_enters_the_loss_at_batch_two():
+    # N = 2 with different masks: perceptual and both style terms are the sums over all three levels of their
+    # per-level values, Gram matrices taken per image, every level contributing.
+    g = torch.Generator().manual_seed(0)
+    output = torch.rand(2, 3, 6, 8, generator=g, dtype=torch.float64)
+    target = torch.rand(2, 3, 6, 8, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 1, 6, 8, dtype=torch.float64)
+    mask[0, :, 1:3, 2:5] = 0
+    mask[1, :, 3:6, 0:2] = 0
+    d = InpaintingLoss(feature_extractor=ThreeLevels())(output, target, mask)
+    comp = mask * target + (1 - mask) * output
+    levels = list(zip(ThreeLevels()(output), ThreeLevels()(comp), ThreeLevels()(target)))
+    perceptual = [(o - t).abs().mean() + (c - t).abs().mean() for o, c, t in levels]
+    style_out = [(_gram_per_image(o) - _gram_per_image(t)).abs().mean() for o, c, t in levels]
+    style_comp = [(_gram_per_image(c) - _gram_per_image(t)).abs().mean() for o, c, t in levels]
+    for name, per_level in (("perceptual", perceptual), ("style_out", style_out), ("style_comp", style_comp)):
+        assert all(v.item() > 1e-6 for v in per_level), name  # every level counts
+        assert d[name].item() == pytest.approx(sum(v.item() for v in per_level), rel=1e-12, abs=0), name
+
+
+def test_gram_matrices_are_per_image():
+    # A batch of two: each image's Gram matrix is its own, normalised by C*H*W (not by N*C*H*W, not pooled).
+    f = torch.tensor([[[[1.0, 2.0]], [[0.0, 1.0]]], [[[3.0, 0.0]], [[1.0, 1.0]]]], dtype=torch.float64)  # 2x2x1x2
+    want = torch.tensor([[[5.0, 2.0], [2.0, 1.0]], [[9.0, 3.0], [3.0, 2.0]]], dtype=torch.float64) / 4
+    got = gram_matrix(f)
+    assert got.shape == (2, 2, 2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for i in range(2):
+        torch.testing.assert_close(gram_matrix(f[i:i + 1])[0], want[i], rtol=0, atol=0)
+    # Through the loss: style_out with the identity extractor is the mean |G(out) - G(gt)| over both images.
+    target = torch.zeros_like(f)
+    d = _loss()(f, target, torch.ones(2, 1, 1, 2, dtype=torch.float64))
+    assert d["style_out"].item() == pytest.approx(want.abs().mean().item(), rel=1e-12)
+
+
+def test_tv_covers_every_image():
+    g = torch.Generator().manual_seed(1)
+    comp = torch.rand(3, 2, 5, 6, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 1, 5, 6, dtype=torch.float64)
+    mask[1, :, 2, 3] = 0  # holes in the second and third image only
+    mask[2, :, 0:2, 0] = 0
+    per_image = [_tv_by_loops(comp[i], mask[i]) for i in range(3)]
+    assert per_image[0] == 0 and per_image[1] > 0 and per_image[2] > 0
+    got = total_variation_in_holes(comp, mask).item()
+    assert got == pytest.approx(sum(per_image) / comp.numel(), rel=1e-12)
+    # Only the last image has holes: its pairs alone, still divided by the whole batch's size.
+    mask_last = torch.ones_like(mask)
+    mask_last[2] = mask[2]
+    assert total_variation_in_holes(comp, mask_last).item() == pytest.approx(per_image[2] / comp.numel(), rel=1e-12)
+    # Through the loss (tv is taken on the composite, which here is the ground truth outside the holes).
+    d = _loss()(comp, comp, mask)
+    assert d["tv"].item() == pytest.approx(sum(per_image) / comp.numel(), rel=1e-12)

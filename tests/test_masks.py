@@ -143,3 +143,21 @@ def test_save_bucketed_masks_round_trip(tmp_path):
     again = make_bucketed_masks(1, 32, 32, source=(loaded[i] for i in range(len(loaded))))
     for bucket in HOLE_RATIO_BUCKETS:
         assert torch.equal(again[bucket][0], masks[bucket][0])
+
+
+def test_augment_flips_horizontally_and_vertically():
+    # A same-size mask without dilation or rotation is cropped whole: the augmentation is then only its flips,
+    # drawn per call. Every result is one of the four flips of the mask, and across seeds all four occur.
+    m = torch.ones(24, 32)
+    m[2:6, 3:12] = 0  # an L in the top-left corner: no flip of it equals another
+    m[6:14, 3:6] = 0
+    variants = {"none": m, "horizontal": m.flip(1), "vertical": m.flip(0), "both": m.flip(0).flip(1)}
+    assert len({tuple(v.flatten().tolist()) for v in variants.values()}) == 4
+    seen = set()
+    for seed in range(24):
+        out = augment_mask(m, 24, 32, seed=seed, dilation=None, rotate=False)
+        assert out.shape == (1, 24, 32) and _is_binary(out)
+        match = [name for name, v in variants.items() if torch.equal(out[0], v)]
+        assert len(match) == 1, f"seed {seed}: not a flip of the mask"
+        seen.add(match[0])
+    assert seen == set(variants)

@@ -7,6 +7,7 @@ from torch import nn
 
 import pconv_cuda
 from pconv_cuda import reference
+from helpers import ROUNDINGS, Sample, assert_rounding_close, oracle, summed_terms
 
 
 def test_is_a_conv2d_and_loads_conv_state_dicts():
@@ -64,22 +65,73 @@ def test_mask_batch_broadcast():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
+def test_return_mask_shape_with_a_batch1_mask(multi):
+    # A batch-1 mask broadcasts over the batch; the updated mask keeps the mask's batch: (1, 1, H', W')
+    # single-channel, (1, C_out, H', W') multi-channel, as NVIDIA's layer (its ones-kernel conv of the mask) gives.
+    layer = pconv_cuda.PartialConv2d(4, 6, 3, stride=(2, 1), padding=1, multi_channel=multi, return_mask=True)
+    ref = reference.PartialConv2d(4, 6, 3, stride=(2, 1), padding=1, multi_channel=multi, return_mask=True)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 4, 10, 9)
+    m = (torch.rand(1, 4 if multi else 1, 10, 9, generator=torch.Generator().manual_seed(0)) > 0.4).float()
+    out, upd = layer(x, m)
+    rout, rupd = ref(x, m)
+    assert upd.shape == rupd.shape == ((1, 6, 5, 9) if multi else (1, 1, 5, 9))
+    torch.testing.assert_close(upd, rupd, rtol=0, atol=0)
+    torch.testing.assert_close(out, rout, rtol=1e-5, atol=1e-5)
+    want, want_upd = layer(x, m.expand(3, -1, -1, -1))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(upd.expand_as(want_upd), want_upd, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_to_dtype(dtype):
+    # Each dtype against the float64 oracle fed the values the converted layer holds: float64 to summation order
+    # (1e-10), the others within the rounding bound of their own dtype (helpers.ROUNDINGS), not bf16's for all.
     layer = pconv_cuda.PartialConv2d(3, 4, 3, padding=1)
-    x = torch.randn(2, 3, 8, 8)
-    m = (torch.rand(2, 1, 8, 8) > 0.3).float()
-    want = layer(x, m)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    m = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.3).float()
     layer = layer.to(dtype)
-    out = layer(x.to(dtype), m.to(dtype))
+    assert layer.weight.dtype == layer.bias.dtype == dtype
+    xd, md = x.to(dtype), m.to(dtype)
+    out = layer(xd, md)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), want, rtol=4e-2, atol=8e-2)
+    s = Sample("to", n=2, c_in=3, c_out=4, h=8, w=8)
+    want, _, _ = oracle(xd, md, layer.weight, layer.bias, s)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    else:
+        size, _, _ = oracle(xd, md, layer.weight, layer.bias, s, magnitude=True)
+        assert_rounding_close(out, want, size, dtype, ROUNDINGS["output"], summed_terms(s)["output"], "output")
 
 
 def test_to_meta_device_gives_shapes():
     layer = pconv_cuda.PartialConv2d(3, 4, 3, stride=2, padding=1, multi_channel=True, return_mask=True).to("meta")
     out, upd = layer(torch.empty(2, 3, 9, 9, device="meta"), torch.empty(2, 3, 9, 9, device="meta"))
     assert out.shape == (2, 4, 5, 5) and upd.shape == (2, 4, 5, 5) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("kernel, dilation, padding", [((3, 5), (1, 1), (1, 2)), ((1, 3), (1, 1), (0, 1)),
+                                                      ((3, 5), (2, 1), (2, 2)), ((5, 3), (1, 3), (2, 3))], ids=str)
+def test_padding_same_with_a_rectangular_kernel(kernel, dilation, padding):
+    # 'same' pads each axis by dilation * (k - 1) / 2 of its own: the output keeps the input's size, and the values
+    # are those of the explicit padding (a swap of the axes changes both).
+    x = torch.randn(2, 2, 9, 11)
+    m = (torch.rand(2, 1, 9, 11, generator=torch.Generator().manual_seed(0)) > 0.3).float()
+    same = pconv_cuda.PartialConv2d(2, 3, kernel, padding="same", dilation=dilation, return_mask=True)
+    explicit = pconv_cuda.PartialConv2d(2, 3, kernel, padding=padding, dilation=dilation, return_mask=True)
+    explicit.load_state_dict(same.state_dict())
+    out, upd = same(x, m)
+    want, want_upd = explicit(x, m)
+    assert out.shape == (2, 3, 9, 11) and upd.shape == (2, 1, 9, 11)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(upd, want_upd, rtol=0, atol=0)
+    fout, fupd = pconv_cuda.partial_conv2d(x, m, same.weight, same.bias, padding="same", dilation=dilation)
+    torch.testing.assert_close(fout, want, rtol=0, atol=0)
+    ratio, mupd = pconv_cuda.mask_update(m, kernel, padding="same", dilation=dilation)
+    want_ratio, _ = pconv_cuda.mask_update(m, kernel, padding=padding, dilation=dilation)
+    torch.testing.assert_close(ratio, want_ratio, rtol=0, atol=0)
+    torch.testing.assert_close(mupd, want_upd, rtol=0, atol=0)
 
 
 def test_padding_strings():

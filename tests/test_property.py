@@ -1,12 +1,14 @@
 """Property-based: random shapes and hyper-parameters against the reference (forward, mask and gradients)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pconv_cuda
 from pconv_cuda import reference
+from helpers import BACKENDS, emu_unavailable, peer
 
 
 @st.composite
@@ -65,3 +67,71 @@ def test_matches_reference(cfg):
     torch.testing.assert_close(ws[0].grad, ws[1].grad, rtol=1e-6, atol=1e-6)
     if b is not None:
         torch.testing.assert_close(bs[0].grad, bs[1].grad, rtol=1e-6, atol=1e-6)
+    # The epsilon-free oracle has the op's exact semantics: only the summation order differs, 1e-10.
+    check_against_oracle(pconv_cuda.partial_conv2d, x, m, w, b, args, grad, (out, upd, xs[0].grad, ws[0].grad,
+                                                                             None if b is None else bs[0].grad))
+
+
+def make_case(cfg):
+    g = torch.Generator().manual_seed(cfg["seed"])
+    dt = torch.float64
+    x = torch.randn(cfg["n"], cfg["c_in"], cfg["h"], cfg["w"], generator=g, dtype=dt)
+    w = torch.randn(cfg["c_out"], cfg["c_in"] // cfg["groups"], *cfg["k"], generator=g, dtype=dt)
+    b = torch.randn(cfg["c_out"], generator=g, dtype=dt) if cfg["bias"] else None
+    mshape = (cfg["mask_batch"], cfg["c_in"] if cfg["multi"] else 1, cfg["h"], cfg["w"])
+    if cfg["mask_kind"] == "none":
+        m = None
+    elif cfg["mask_kind"] == "binary":
+        m = (torch.rand(mshape, generator=g) > 0.4).to(dt)
+    else:
+        m = torch.rand(mshape, generator=g, dtype=dt)
+        m = m * (m > 0.1)
+    args = (cfg["s"], cfg["p"], cfg["d"], cfg["groups"], cfg["multi"])
+    return x, m, w, b, args, g
+
+
+def check_against_oracle(op, x, m, w, b, args, grad, got=None):
+    """Compares op's (output, updated mask) and gradients for `grad` with the float64 peer at 1e-10."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w)] + (
+        [] if b is None else [b.detach().clone().requires_grad_(True)])
+    p_out, p_upd = peer.peer_partial_conv2d(leaves[0], m, leaves[1], leaves[2] if b is not None else None, *args)
+    p_grads = torch.autograd.grad(p_out, leaves, grad)
+    if got is None:
+        ls = [t.detach().clone().requires_grad_(True) for t in (x, w)] + (
+            [] if b is None else [b.detach().clone().requires_grad_(True)])
+        out, upd = op(ls[0], m, ls[1], ls[2] if b is not None else None, *args)
+        got = (out, upd, *torch.autograd.grad(out, ls, grad)) + ((None,) if b is None else ())
+    out, upd, gx, gw, gb = got
+    torch.testing.assert_close(out, p_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(upd, p_upd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, p_grads[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw, p_grads[1], rtol=1e-10, atol=1e-10)
+    if b is not None:
+        torch.testing.assert_close(gb, p_grads[2], rtol=1e-10, atol=1e-10)
+
+
+EMU_BACKENDS = [b for b in BACKENDS if b.ns == "pconv_cuda_emu"]
+
+
+@pytest.mark.parametrize("backend", EMU_BACKENDS, ids=str)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs())
+def test_emulated_cuda_kernels_match_oracle(backend, cfg):
+    # The CUDA kernels (under the SIMT emulation, each route forced) on the same random configurations.
+    if emu_unavailable():
+        pytest.skip(emu_unavailable())
+    import os
+
+    saved = os.environ.get("PCONV_CUDA_ROUTE")
+    os.environ["PCONV_CUDA_ROUTE"] = backend.cuda_route  # restored below: a hypothesis test cannot use monkeypatch
+    try:
+        x, m, w, b, args, g = make_case(cfg)
+        op = lambda *a: backend.ops.partial_conv2d(*a)[:2]  # noqa: E731
+        out_shape = op(x, m, w, b, *args)[0].shape
+        check_against_oracle(op, x, m, w, b, args, torch.randn(out_shape, generator=g, dtype=torch.float64))
+        assert pconv_cuda.routes.last_route("cuda", _ns=backend.ns) == backend.cuda_route
+    finally:
+        if saved is None:
+            del os.environ["PCONV_CUDA_ROUTE"]
+        else:
+            os.environ["PCONV_CUDA_ROUTE"] = saved

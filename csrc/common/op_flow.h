@@ -116,7 +116,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d(Prim& prim, const Tens
   if (has(mask)) {
     xm = at::empty(x.sizes(), x.options(), fmt);
     plane = at::empty({g.mask_batch, 1, g.H, g.W}, ratio.options());
-    if (!prim.mask_pass(mask->contiguous(fmt), x, xm, plane)) fail_invalid_mask(op, *mask);
+    // An empty batch still has a mask (batch 1) whose maps are returned: then only the plane is formed.
+    const Tensor& swept = g.N > 0 ? x : Tensor();
+    if (!prim.mask_pass(mask->contiguous(fmt), swept, xm, plane)) fail_invalid_mask(op, *mask);
   }
   prim.ratio_update(plane, g, ratio, updated_mask);
 

@@ -103,18 +103,38 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
   return !invalid.load();
 }
 
-// S per output pixel from the channel-summed plane, then ratio and U.
+// S per output pixel from the channel-summed plane, then ratio and U. The window sums of a whole output row are
+// formed tap by tap, each tap a loop over the output columns it keeps inside the plane: branch-free and
+// vectorisable, where window_sum per pixel tests every tap. Each S still adds its in-bounds taps in window_sum's
+// (i, j) order, so the sums are bitwise those of the CUDA kernel.
 template <typename acc_t, typename update_t>
 void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t* updated_mask) {
   const acc_t win = static_cast<acc_t>(g.window_size());
+  const Window& w = g.win;
   const int64_t HW = g.H * g.W;
-  at::parallel_for(0, g.mask_batch * g.Ho, grain_for(g.Wo * g.win.kh * g.win.kw), [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> col_begin(w.kw), col_end(w.kw);  // output columns [begin, end) whose tap j is inside
+  for (int64_t j = 0; j < w.kw; ++j) {
+    const int64_t offset = j * w.dw - w.pw;  // input column of output column ow: ow * sw + offset
+    col_begin[j] = std::min(g.Wo, offset >= 0 ? 0 : (-offset + w.sw - 1) / w.sw);
+    col_end[j] = g.W - 1 - offset < 0 ? 0 : std::min(g.Wo, (g.W - 1 - offset) / w.sw + 1);
+  }
+  at::parallel_for(0, g.mask_batch * g.Ho, grain_for(g.Wo * w.kh * w.kw), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s(g.Wo);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.Ho, oh = row % g.Ho;
-      const acc_t* pl = plane + n * HW;
+      std::fill(s.begin(), s.end(), acc_t(0));
+      for (int64_t i = 0; i < w.kh; ++i) {
+        const int64_t h = oh * w.sh - w.ph + i * w.dh;
+        if (h < 0 || h >= g.H) continue;
+        const acc_t* line = plane + n * HW + h * g.W;
+        for (int64_t j = 0; j < w.kw; ++j) {
+          const int64_t offset = j * w.dw - w.pw;
+          for (int64_t ow = col_begin[j]; ow < col_end[j]; ++ow) s[ow] += line[ow * w.sw + offset];
+        }
+      }
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
         acc_t r, u;
-        ratio_and_update(window_sum<acc_t>(pl, g.H, g.W, g.win, oh, ow), win, &r, &u);
+        ratio_and_update(s[ow], win, &r, &u);
         ratio[row * g.Wo + ow] = r;
         updated_mask[row * g.Wo + ow] = static_cast<update_t>(u);
       }
@@ -122,14 +142,20 @@ void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t*
   });
 }
 
-// mask=None: S is the number of in-bounds taps (times C_in for multi-channel); no mask exists to read.
+// mask=None: S is the number of in-bounds taps (times C_in for multi-channel); no mask exists to read. The count
+// factors into a row count and a column count (all_ones_window_sum), each computed once.
 template <typename acc_t, typename update_t>
 void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* updated_mask) {
   const acc_t win = static_cast<acc_t>(g.window_size());
+  const Window& w = g.win;
+  std::vector<int64_t> rows(g.Ho), cols(g.Wo);
+  for (int64_t oh = 0; oh < g.Ho; ++oh) rows[oh] = taps_in_bounds(oh, w.kh, w.sh, w.ph, w.dh, g.H);
+  for (int64_t ow = 0; ow < g.Wo; ++ow) cols[ow] = taps_in_bounds(ow, w.kw, w.sw, w.pw, w.dw, g.W);
+  const int64_t channels = g.multi_channel ? g.C_in : 1;
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       acc_t r, u;
-      ratio_and_update(static_cast<acc_t>(all_ones_window_sum(g, oh, ow)), win, &r, &u);
+      ratio_and_update(static_cast<acc_t>(rows[oh] * cols[ow] * channels), win, &r, &u);
       ratio[oh * g.Wo + ow] = r;
       updated_mask[oh * g.Wo + ow] = static_cast<update_t>(u);
     }
