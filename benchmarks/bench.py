@@ -36,34 +36,8 @@ import pconv_cuda
 from pconv_cuda import reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_model import Layer, unet_layers  # noqa: E402,F401  (the layer list, shared with the GPU model)
 from peer import peer_partial_conv2d  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Layer:
-    name: str
-    c_in: int
-    c_out: int
-    k: int
-    stride: int
-    size: int  # input H = W
-
-
-def unet_layers(image: int = 256) -> List[Layer]:
-    """The PConv U-Net (layer_size 7) at `image` px: encoder, then decoder on concatenated skip features."""
-    enc_k = [7, 5, 5, 3, 3, 3, 3]
-    enc_c = [64, 128, 256, 512, 512, 512, 512]
-    layers, c, s = [], 3, image
-    for i, (k, co) in enumerate(zip(enc_k, enc_c)):
-        layers.append(Layer(f"enc{i + 1}", c, co, k, 2, s))
-        c, s = co, s // 2
-    skips = [3] + enc_c[:-1]  # channels of the encoder output each decoder level concatenates
-    for i in range(len(enc_c) - 1, -1, -1):
-        s *= 2
-        co = 3 if i == 0 else enc_c[i - 1]
-        layers.append(Layer(f"dec{i + 1}", c + skips[i], co, 3, 1, s))
-        c = co
-    return layers
 
 
 @dataclass

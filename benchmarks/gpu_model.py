@@ -74,12 +74,13 @@ class Layer:
 
 
 def unet_layers(image: int = 256) -> list:
+    """The PConv U-Net (layer_size 7) at `image` px: encoder, then decoder on concatenated skip features."""
     enc_k, enc_c = [7, 5, 5, 3, 3, 3, 3], [64, 128, 256, 512, 512, 512, 512]
     layers, c, s = [], 3, image
     for i, (k, co) in enumerate(zip(enc_k, enc_c)):
         layers.append(Layer(f"enc{i + 1}", c, co, k, 2, s))
         c, s = co, s // 2
-    skips = [3] + enc_c[:-1]
+    skips = [3] + enc_c[:-1]  # channels of the encoder output each decoder level concatenates
     for i in range(len(enc_c) - 1, -1, -1):
         s *= 2
         co = 3 if i == 0 else enc_c[i - 1]

@@ -31,3 +31,31 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def deterministic():
+    """Bitwise comparisons of gradients need cuDNN's deterministic algorithms (some weight-gradient algorithms
+    accumulate with atomics). No effect on the CPU."""
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    yield
+    torch.backends.cudnn.deterministic = saved
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (the examples' --threads changes it for the whole process), restored after: on a small
+    shared machine OpenMP oversubscription slows tiny convolutions ~100x."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    """The example scripts, loaded as modules."""
+    from helpers import load_example
+
+    return {name: load_example(f"examples/{name}.py") for name in ("train_inpainting", "inpaint", "evaluate")}

@@ -4,6 +4,7 @@ Imported by the tests as `from helpers import ...`; the fixtures over these list
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -300,3 +301,27 @@ def nondet_tol(device: str) -> float:
     """gradcheck's tolerance for run-to-run differences: cuDNN's weight-gradient algorithms may add in a
     nondeterministic order (atomics), which in float64 moves results by ~1e-15 relative; the CPU is deterministic."""
     return 1e-12 if device == "cuda" else 0.0
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_example(relpath: str):
+    """A script of the repository (examples/, benchmarks/) loaded as a module. As `python examples/x.py` does, the
+    script's folder comes first on sys.path while it loads (the examples import their helper modules from it);
+    pconv_cuda itself is the installed package."""
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def make_layer(s: Sample, device: str = "cpu", dtype: torch.dtype = torch.float64) -> "pconv_cuda.PartialConv2d":
+    """The PartialConv2d module of a sample's hyper-parameters."""
+    return pconv_cuda.PartialConv2d(s.c_in, s.c_out, s.kernel, s.stride, s.padding, s.dilation, s.groups, s.bias,
+                                    device=device, dtype=dtype, multi_channel=s.multi_channel)

@@ -14,13 +14,6 @@ from pconv_cuda import routes
 from helpers import BACKENDS, SAMPLES, Sample, conv_args, make_inputs, oracle, with_
 
 
-@pytest.fixture
-def deterministic():
-    """Bitwise comparisons need cuDNN's deterministic algorithms on a GPU; no effect on the CPU."""
-    saved = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    yield
-    torch.backends.cudnn.deterministic = saved
 
 
 def same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:

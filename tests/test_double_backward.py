@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.autograd import gradcheck, gradgradcheck
+from torch.autograd import gradgradcheck
 
 import importlib.util
 import os
 
 import pconv_cuda
 from pconv_cuda import reference
-from helpers import SAMPLES, conv_args, make_inputs, nondet_tol
+from helpers import SAMPLES, conv_args, make_inputs, make_layer, nondet_tol
 
 # The epsilon-free pure-PyTorch layer (benchmarks/peer.py): same semantics as the op, differentiable to any order.
 # NVIDIA's reference adds 1e-8 to S, which second derivatives amplify to ~1e-6 relative.
@@ -35,9 +35,7 @@ def test_gradgradcheck_function_and_module(sample, main_backend):
     args = conv_args(sample)
     assert gradgradcheck(lambda x, w, b: pconv_cuda.PartialConv2dFunction.apply(x, m, w, b, *args)[0], (x, w, b),
                          nondet_tol=nondet_tol(device))
-    layer = pconv_cuda.PartialConv2d(sample.c_in, sample.c_out, sample.kernel, sample.stride, sample.padding,
-                                     sample.dilation, sample.groups, sample.bias, device=device,
-                                     dtype=torch.float64, multi_channel=sample.multi_channel)
+    layer = make_layer(sample, device)
     assert gradgradcheck(lambda x: layer(x, m), (x,), nondet_tol=nondet_tol(device))
 
 

@@ -26,14 +26,6 @@ def in_route(backend: Backend, route):
     return routes.use_route(route, "cpu") if route else contextlib.nullcontext()
 
 
-@pytest.fixture
-def deterministic():
-    """Bitwise comparisons of gradients need cuDNN's deterministic algorithms (some weight-gradient algorithms
-    accumulate with atomics). No effect on the CPU."""
-    saved = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    yield
-    torch.backends.cudnn.deterministic = saved
 
 
 def make_mask(shape, kind: str, device, g: torch.Generator) -> torch.Tensor:

@@ -2,9 +2,7 @@
 evaluate."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,38 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import load_example
+
 ROOT = Path(__file__).resolve().parents[1]
 # --threads 1: on a small shared machine, OpenMP oversubscription slows these tiny convolutions ~100x.
 TINY = ["--size", "32", "--layer-size", "4", "--base-channels", "8", "--batch-size", "2",
         "--vgg-weights", "random", "--quiet", "--threads", "1"]
 
 
-def _load(relpath: str):
-    path = ROOT / relpath
-    spec = importlib.util.spec_from_file_location(f"_example_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    # As `python examples/x.py` does, the script's folder comes first on sys.path: the examples import their
-    # helper module _common from it. pconv_cuda itself is the installed package.
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread in each test (the examples' --threads changes it for the whole process), restored after."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def examples():
-    return {name: _load(f"examples/{name}.py") for name in ("train_inpainting", "inpaint", "evaluate")}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +127,7 @@ def test_train_on_builtin_photographs(examples, tmp_path):
 
 
 def test_bench_model_runs(tmp_path):
-    bench = _load("benchmarks/bench_model.py")
+    bench = load_example("benchmarks/bench_model.py")
     out = tmp_path / "bench.json"
     result = bench.main(["--size", "32", "--layer-size", "4", "--base-channels", "8", "--batch", "1", "2",
                          "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)])

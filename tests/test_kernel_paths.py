@@ -15,13 +15,6 @@ from helpers import (BACKENDS, ROUNDINGS, Backend, Sample, assert_rounding_close
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture
-def deterministic():
-    """cuDNN's deterministic algorithms for comparisons between two backward runs (no effect on the CPU)."""
-    saved = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    yield
-    torch.backends.cudnn.deterministic = saved
 
 # csrc/cuda/cuda_primitives.h picks VEC = 16 / sizeof(dtype) (2 fp64, 4 fp32, 8 fp16/bf16) when the run it moves is
 # a multiple of VEC: H*W (input) and H'*W' (output) in NCHW, C_in (mask pass) and C_out (epilogue, grad_output) in

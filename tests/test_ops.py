@@ -8,7 +8,7 @@ from torch.autograd import gradcheck
 import pconv_cuda
 from pconv_cuda import reference
 from helpers import (BACKENDS, KERNEL_SAMPLES, ROUNDINGS, SAMPLES, Backend, Sample, assert_rounding_close, conv_args,
-                     make_inputs, nondet_tol, oracle, summed_terms, use_backend, with_)
+                     make_inputs, make_layer, nondet_tol, oracle, summed_terms, use_backend, with_)
 
 # Tolerances by dtype. The reference adds 1e-8 to S; for binary masks S >= 1 where it matters, so that is a 1e-8
 # relative deviation, below float32 resolution and covered by 1e-6 in float64 (soft masks: 1e-8 / S, S >= 0.01 here).
@@ -121,9 +121,7 @@ def test_gradcheck_function(sample, main_backend):
 @pytest.mark.parametrize("sample", SAMPLES[::3], ids=str)
 def test_gradcheck_module(sample, main_backend):
     device = main_backend.device
-    layer = pconv_cuda.PartialConv2d(sample.c_in, sample.c_out, sample.kernel, sample.stride, sample.padding,
-                                     sample.dilation, sample.groups, sample.bias, device=device,
-                                     dtype=torch.float64, multi_channel=sample.multi_channel)
+    layer = make_layer(sample, device)
     x, m, _, _ = make_inputs(sample, torch.float64, device, requires_grad=True)
     assert gradcheck(lambda x: layer(x, m), (x,), nondet_tol=nondet_tol(device))
     params = [p for p in layer.parameters()]

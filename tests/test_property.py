@@ -38,20 +38,7 @@ def configs(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
 def test_matches_reference(cfg):
-    g = torch.Generator().manual_seed(cfg["seed"])
-    dt = torch.float64
-    x = torch.randn(cfg["n"], cfg["c_in"], cfg["h"], cfg["w"], generator=g, dtype=dt)
-    w = torch.randn(cfg["c_out"], cfg["c_in"] // cfg["groups"], *cfg["k"], generator=g, dtype=dt)
-    b = torch.randn(cfg["c_out"], generator=g, dtype=dt) if cfg["bias"] else None
-    mshape = (cfg["mask_batch"], cfg["c_in"] if cfg["multi"] else 1, cfg["h"], cfg["w"])
-    if cfg["mask_kind"] == "none":
-        m = None
-    elif cfg["mask_kind"] == "binary":
-        m = (torch.rand(mshape, generator=g) > 0.4).to(dt)
-    else:
-        m = torch.rand(mshape, generator=g, dtype=dt)
-        m = m * (m > 0.1)  # soft values >= 0.1 and exact zeros: S is 0 or >= 0.1
-    args = (cfg["s"], cfg["p"], cfg["d"], cfg["groups"], cfg["multi"])
+    x, m, w, b, args, g = make_case(cfg)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     ws = [w.clone().requires_grad_(True) for _ in range(2)]
     bs = [None if b is None else b.clone().requires_grad_(True) for _ in range(2)]
@@ -60,7 +47,7 @@ def test_matches_reference(cfg):
     # float64, and the reference's +1e-8 on S >= 0.1: a relative deviation below 1e-7.
     torch.testing.assert_close(out, rout, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(upd.expand(rupd.shape[0], 1, -1, -1), rupd[:, :1], rtol=0, atol=0)
-    grad = torch.randn(out.shape, generator=g, dtype=dt)
+    grad = torch.randn(out.shape, generator=g, dtype=x.dtype)
     out.backward(grad)
     rout.backward(grad)
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-6, atol=1e-6)
@@ -85,7 +72,7 @@ def make_case(cfg):
         m = (torch.rand(mshape, generator=g) > 0.4).to(dt)
     else:
         m = torch.rand(mshape, generator=g, dtype=dt)
-        m = m * (m > 0.1)
+        m = m * (m > 0.1)  # soft values >= 0.1 and exact zeros: S is 0 or >= 0.1
     args = (cfg["s"], cfg["p"], cfg["d"], cfg["groups"], cfg["multi"])
     return x, m, w, b, args, g
 

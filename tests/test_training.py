@@ -3,7 +3,6 @@ workers), mixed precision, and multi-process training with torchrun (Distributed
 SyncBatchNorm, rank-0 checkpoints resumed by a different number of processes)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,29 +26,7 @@ TINY = ["--size", "32", "--layer-size", "4", "--base-channels", "8", "--vgg-weig
         "--threads", "1", "--device", "cpu", "--log-every", "1"]
 
 
-def _load(relpath: str):
-    path = ROOT / relpath
-    spec = importlib.util.spec_from_file_location(f"_training_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))  # as `python examples/x.py`: the examples import their helpers
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
-
-
-@pytest.fixture(scope="module")
-def examples():
-    return {name: _load(f"examples/{name}.py") for name in ("train_inpainting", "evaluate", "inpaint")}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

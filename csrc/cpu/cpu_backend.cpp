@@ -26,9 +26,8 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
 }
 
-bool is_channels_last(const Tensor& t) {
-  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-}
+// The layout the flow gave a tensor (op_flow.h, layout_of): the loops have an NCHW and an NHWC form.
+bool is_channels_last(const Tensor& t) { return layout_of(t) == at::MemoryFormat::ChannelsLast; }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Mask pass: one read of M, and of X when `x` is given. For the first mask_batch images, plane[n] = the sum of

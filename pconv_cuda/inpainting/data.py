@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
 from pconv_cuda.inpainting.masks import (
-    DILATION_RANGE, IMAGE_SUFFIXES, IrregularMaskGenerator, augment_mask, list_images, load_mask,
+    IMAGE_SUFFIXES, IrregularMaskGenerator, MaskFolder, augment_mask, list_images, load_mask,
 )
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -184,38 +184,14 @@ class ImageDataset(Dataset):
         return load_image(self.paths[index])
 
 
-class MaskDataset(Dataset):
-    """A folder of mask images (e.g. NVIDIA's irregular mask set), searched recursively.
+class MaskDataset(MaskFolder, Dataset):
+    """A folder of mask images (e.g. NVIDIA's irregular mask set), searched recursively: a :class:`MaskFolder`
+    that takes its random stream from the caller, as DataLoader workers need.
 
     ``dataset[i]`` is the i-th file resized (nearest) to (height, width), for evaluation;
     ``dataset.augmented(i, rng)`` the i-th file with the paper's augmentation (dilation, rotation, crop, flips),
     for training. ``holes`` says how the files mark holes (see :func:`~pconv_cuda.inpainting.load_mask`).
     """
-
-    def __init__(
-        self,
-        root: PathLike,
-        height: int,
-        width: int,
-        *,
-        holes: str = "black",
-        dilation: Optional[Tuple[int, int]] = DILATION_RANGE,
-        rotate: bool = True,
-    ) -> None:
-        self.paths = list_images(root)
-        if not self.paths:
-            raise FileNotFoundError(f"no mask images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}")
-        self.height, self.width, self.holes = height, width, holes
-        self.dilation, self.rotate = dilation, rotate
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Tensor:
-        m = load_mask(self.paths[index], holes=self.holes)
-        if m.shape[-2:] != (self.height, self.width):
-            m = F.interpolate(m[None], size=(self.height, self.width), mode="nearest")[0]
-        return m
 
     def augmented(self, index: int, rng: np.random.Generator) -> Tensor:
         m = load_mask(self.paths[index], holes=self.holes)
