@@ -1,66 +1,70 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one run (for the first session that has one). Assumes scripts/install.sh already
-# made .venv. Builds pconv_cuda for the local GPU only (fast), with the SIMT emulation; runs the whole test suite
-# (skip reasons shown); then the benchmark on CUDA, written to docs/bench_cuda.json. The benchmark runs even if the
-# tests fail; the exit status is non-zero if either failed. Each stage is timed.
-#   scripts/gpu_check.sh     (MAX_JOBS and CUDA_HOME are passed to the build; PYTEST_ARGS, e.g. "-x", to pytest;
-#                             BENCH_ARGS, e.g. "--quick", to benchmarks/bench.py)
-set -euo pipefail
+# The checks that need a GPU, in one run. Builds pconv_cuda for the local GPU only (fast); runs the whole test suite
+# (failures and errors listed); then the benchmarks on CUDA (fp32 and bf16, batch 1 and 8, both CUDA routes) and the
+# whole U-Net. Results go to $RESULTS (default docs/): bench_cuda_<dtype>.{json,md,png}, bench_model_cuda.json,
+# tests.log. Every stage is timed and bounded, so the run fits a lease; later stages run even if earlier ones fail.
+#   scripts/gpu_check.sh     PY (default .venv/bin/python, else python3: a machine whose torch is already there),
+#                            MAX_JOBS, CUDA_HOME, PCONV_BUILD_EMU (default 0 here: the emulation is CPU-tested),
+#                            PYTEST_ARGS (e.g. "-n 8" with pytest-xdist), TESTS_LIMIT / BENCH_LIMIT (seconds)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-PY=.venv/bin/python
-[ -x "$PY" ] || { echo "gpu_check.sh: no .venv here; run scripts/install.sh first" >&2; exit 2; }
-
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=$(command -v python3)
+RESULTS=${RESULTS:-docs}
+mkdir -p "$RESULTS"
 T0=$(date +%s)
 stage_times=()
-stage_done() {  # name, start time
-    local now
-    now=$(date +%s)
-    stage_times+=("$1: $((now - $2)) s")
-    echo "=== $1 took $((now - $2)) s"
+failed=()
+stage() {  # name, limit (s), command...: run it bounded and timed, remember a failure
+    local name=$1 limit=$2 t rc=0
+    shift 2
+    t=$(date +%s)
+    echo "=== $name (limit ${limit} s)"
+    timeout --kill-after=10 "$limit" "$@" || rc=$?
+    stage_times+=("$name: $(($(date +%s) - t)) s, rc $rc")
+    [ "$rc" -eq 0 ] || failed+=("$name (rc $rc)")
+    return "$rc"
 }
 
-echo "=== nvidia-smi"
-nvidia-smi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 ARCH=$("$PY" -c "import torch;print('%d.%d'%torch.cuda.get_device_capability())")
-echo "=== torch $("$PY" -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)'), GPU capability $ARCH"
+echo "=== python $PY, torch $("$PY" -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)'), sm $ARCH"
 
-echo "=== build for sm ${ARCH} only (with the emulation)"
-t=$(date +%s)
-# FORCE_CUDA=1: fail here rather than build a CPU-only package on a GPU machine.
-TORCH_CUDA_ARCH_LIST="$ARCH" PCONV_BUILD_EMU=1 FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-8} \
-    .venv/bin/pip install --no-build-isolation .
-# The installed package (not the source tree) must have its CUDA kernels.
-(cd / && "$ROOT/$PY" -c "
+# FORCE_CUDA=1: fail here rather than build a CPU-only package on a GPU machine. --no-deps: use the torch that is
+# there (such a machine may have no package index).
+build() {
+    TORCH_CUDA_ARCH_LIST="$ARCH" PCONV_BUILD_EMU=${PCONV_BUILD_EMU:-0} FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+        "$PY" -m pip install -q --no-build-isolation --no-deps . || return 1
+    # The installed package (not the source tree) must have its CUDA kernels.
+    (cd / && "$PY" -c "
 import torch, pconv_cuda
 from pconv_cuda import ops
-print('pconv_cuda', pconv_cuda.__version__, 'from', pconv_cuda.__file__)
+print('pconv_cuda', pconv_cuda.__version__, 'from', pconv_cuda.__file__, 'torch', torch.__version__)
 assert torch.cuda.is_available(), 'torch sees no GPU'
 assert not ops.MISSING_CUDA_KERNELS, f'built without CUDA kernels: {ops.MISSING_CUDA_KERNELS}'
 print('CUDA kernels present on', torch.cuda.get_device_name())
 ")
-stage_done build "$t"
+}
+stage build 400 build || { echo "gpu_check.sh: build failed"; exit 1; }
 
-echo "=== tests"
-t=$(date +%s)
-tests_rc=0
+export PYTHONUNBUFFERED=1
+stage "bench float32" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
+    --json "$RESULTS/bench_cuda_float32.json" --markdown "$RESULTS/bench_cuda_float32.md" \
+    --plot "$RESULTS/bench_cuda_float32.png"
 # shellcheck disable=SC2086
-.venv/bin/pytest -q -rs ${PYTEST_ARGS:-} || tests_rc=$?
-stage_done "tests (rc $tests_rc)" "$t"
-
-echo "=== benchmark"
-t=$(date +%s)
-bench_rc=0
-# bench.py takes --devices (plural); cuda only here, once per CUDA route (its --cuda-routes default: both).
-# shellcheck disable=SC2086
-"$PY" benchmarks/bench.py --devices cuda --json docs/bench_cuda.json ${BENCH_ARGS:-} || bench_rc=$?
-stage_done "benchmark (rc $bench_rc)" "$t"
+stage tests "${TESTS_LIMIT:-300}" bash -c "'$PY' -P -m pytest -q -rfE -p no:cacheprovider ${PYTEST_ARGS:-} \
+    > '$RESULTS/tests.log' 2>&1; rc=\$?; tail -n 60 '$RESULTS/tests.log'; exit \$rc"
+stage "bench bfloat16" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 --dtype bfloat16 \
+    --json "$RESULTS/bench_cuda_bfloat16.json" --markdown "$RESULTS/bench_cuda_bfloat16.md"
+stage "bench U-Net" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 \
+    --json "$RESULTS/bench_model_cuda.json"
 
 echo "=== times"
 for line in "${stage_times[@]}"; do echo "  $line"; done
 echo "  total: $(($(date +%s) - T0)) s"
-if [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then
-    echo "gpu_check.sh: FAILED (tests rc $tests_rc, benchmark rc $bench_rc)" >&2
+if [ "${#failed[@]}" -ne 0 ]; then
+    echo "gpu_check.sh: FAILED: ${failed[*]}" >&2
     exit 1
 fi
 echo "gpu_check.sh: all passed"
