@@ -46,7 +46,8 @@ assert not ops.MISSING_CUDA_KERNELS, f'built without CUDA kernels: {ops.MISSING_
 print('CUDA kernels present on', torch.cuda.get_device_name())
 ")
 }
-stage build 400 build || { echo "gpu_check.sh: build failed"; exit 1; }
+export -f build; export ARCH PY
+stage build 400 bash -c build || { echo "gpu_check.sh: build failed"; exit 1; }
 
 export PYTHONUNBUFFERED=1
 stage "bench float32" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
