@@ -1,6 +1,8 @@
 """Builds pconv_cuda._C: the CPU kernels always; the CUDA sources when a CUDA toolkit and a CUDA build of torch
 are present (no GPU needed). FORCE_CUDA=1 / FORCE_CUDA=0 override; TORCH_CUDA_ARCH_LIST overrides the arch list.
 PCONV_BUILD_EMU=1 also builds pconv_cuda._emu, the CUDA kernels under the SIMT emulation (test tooling, CPU only).
+On Linux each built module must need libstdc++.so when torch does (a static libstdc++ crashes the process on the
+first formatted error message); PCONV_ALLOW_STATIC_LIBSTDCXX=1 makes that check a warning.
 """
 import glob
 import os
@@ -12,9 +14,14 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
 
 import torch  # noqa: E402
 from setuptools import find_packages, setup  # noqa: E402
+from setuptools.errors import LinkError  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# tools/ holds build-time helpers that are not part of the package.
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from elf_needed import ALLOW_ENV, check_dynamic_libstdcxx  # noqa: E402
+
 # Every arch nvcc 13 can build (it rejects anything older than sm_75), plus PTX for newer GPUs.
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 
@@ -78,12 +85,49 @@ def extensions():
     return [ext, emu]
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, then a check of each built module: on Linux it must need libstdc++.so when torch does.
+    A compiler that links libstdc++ statically gives the module its own C++ runtime next to torch's, and the first
+    error message that formats a number crashes the process (tools/elf_needed.py)."""
+
+    def build_extensions(self):
+        super().build_extensions()
+        if not sys.platform.startswith("linux"):
+            return
+        libc10 = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+        for ext in self.extensions:
+            path = self.get_ext_fullpath(ext.name)
+            try:
+                problem = check_dynamic_libstdcxx(path, libc10, self.cxx_compiler())
+            except (OSError, ValueError) as e:
+                print(f"pconv_cuda: WARNING: libstdc++ check skipped, {path} unreadable ({e})", file=sys.stderr,
+                      flush=True)
+                continue
+            if problem is None:
+                continue
+            if os.environ.get(ALLOW_ENV) == "1":
+                print(f"pconv_cuda: WARNING ({ALLOW_ENV}=1): {problem}", file=sys.stderr, flush=True)
+                continue
+            os.remove(path)  # a module that crashes the process must not be left where it could be installed
+            raise LinkError(f"{problem} (Removed {path}.)")
+
+    def cxx_compiler(self):
+        """The compiler the extensions were linked with, for the error message: $CXX, else setuptools' own."""
+        if os.environ.get("CXX"):
+            return os.environ["CXX"]
+        for attr in ("linker_so_cxx", "compiler_cxx", "linker_so", "compiler_so"):
+            command = getattr(self.compiler, attr, None)
+            if command:
+                return command[0]
+        return "(unknown)"
+
+
 # Pin the runtime torch to the one the extension is compiled against: the C++ ABI is not stable across releases.
 TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"
 
 setup(
     packages=find_packages(include=["pconv_cuda", "pconv_cuda.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
     install_requires=[TORCH_PIN, "numpy"],
 )
