@@ -4,12 +4,17 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+
+from pconv_cuda import ops
 
 IntOrPair = Union[int, Sequence[int]]
 
 
 def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value  # already a pair (the module's attributes): the per-call fast path
     if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {type(value).__name__}")
     pair = (value, value) if isinstance(value, int) else tuple(value)
@@ -66,9 +71,24 @@ def partial_conv2d(
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
     # Through the autograd.Function (one backward with the op's own registration) rather than the bare op: its
     # setup_context makes torch.func (grad, vjp, jacrev, vmap) work, which the dispatcher's autograd does not.
-    output, updated_mask, _, _ = PartialConv2dFunction.apply(input, mask, weight, bias, stride_, padding_, dilation_,
-                                                        groups, bool(multi_channel))
+    args = (input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
+    if _records_nothing(input, weight, bias):  # the op itself, without the autograd.Function's Python overhead
+        output, updated_mask, _, _ = torch.ops.pconv_cuda.partial_conv2d.default(*args)
+    else:
+        output, updated_mask, _, _ = PartialConv2dFunction.apply(*args)
     return output, updated_mask
+
+
+def _records_nothing(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """True when no autograd mode would record this call: no reverse-mode graph (grad disabled or nothing requires
+    grad), no forward-mode AD level and no torch.func transform (those go through the autograd.Function, which
+    handles or refuses them), and not under torch.compile (which traces the Function)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return forward_ad._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def mask_update(
@@ -107,13 +127,17 @@ class PartialConv2dFunction(torch.autograd.Function):
     def forward(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
         conv_args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups,
                      bool(multi_channel))
-        return torch.ops.pconv_cuda.partial_conv2d(input, mask, weight, bias, *conv_args)
+        op = torch.ops.pconv_cuda.partial_conv2d.default
+        if torch.compiler.is_compiling():
+            return op(input, mask, weight, bias, *conv_args)
+        # This Function records the graph; skip the op's own autograd kernel (what that kernel does itself once it
+        # has decided no graph is needed), a few microseconds of Python per call.
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(input, mask, weight, bias, *conv_args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         # The op's own autograd registration (pconv_cuda.ops) does the same: one backward for both.
-        from pconv_cuda import ops
-
         input, mask, weight, bias, stride, padding, dilation, groups, multi_channel = inputs
         conv_args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups,
                      bool(multi_channel))
@@ -124,7 +148,5 @@ class PartialConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
-        from pconv_cuda import ops
-
         grad_input, grad_weight, grad_bias = ops.input_grads(ctx, grad_output, grad_masked_input)
         return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
