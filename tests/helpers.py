@@ -77,6 +77,11 @@ KERNEL_SAMPLES = [
     Sample("dilation2x3_stride2", c_out=5, h=11, w=13, stride=(2, 2), dilation=(2, 3), padding=(2, 3)),
     Sample("dilation3_stride3x2_k2x3", c_out=5, h=12, w=11, kernel=(2, 3), stride=(3, 2), dilation=(3, 2),
            padding=(1, 0), mask="holes"),
+    # Many channels on a small image: the NCHW mask pass spreads them over threads and, for a single-channel mask,
+    # over channel groups in the grid (300 = 5 uneven groups here); a multi-channel mask sums its plane across
+    # 16 thread rows (130 channels, 15 pixels: the scalar path), and NHWC across 32 lanes.
+    Sample("cin300_on_4x4_channel_groups", c_in=300, c_out=4, h=4, w=4, mask="holes", mask_batch=1),
+    Sample("cin130_on_3x5_soft_multi", n=1, c_in=130, c_out=3, h=3, w=5, multi_channel=True, mask="soft"),
 ]
 
 @dataclass(frozen=True)

@@ -62,6 +62,8 @@ def test_samples_cover_the_issue():
     assert any(s.kernel[0] > s.h and s.kernel[1] > s.w for s in KERNEL_SAMPLES)
     assert any(max(s.dilation) > 1 and max(s.stride) > 1 for s in KERNEL_SAMPLES)
     assert any(s.dilation[0] != s.dilation[1] and s.stride[0] != s.stride[1] for s in KERNEL_SAMPLES)
+    assert any(s.c_in > 256 and not s.multi_channel for s in KERNEL_SAMPLES)  # mask pass channel groups
+    assert any(s.c_in > 32 and s.multi_channel for s in KERNEL_SAMPLES)  # plane sums across threads
 
 
 ALL_SAMPLES = SAMPLES + KERNEL_SAMPLES
@@ -247,10 +249,10 @@ def test_bool_and_uint8_masks(backend, mask_dtype):
     torch.testing.assert_close(upd, ref_upd, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("s", [Sample("layout", multi_channel=True, mask="random"), KERNEL_SAMPLES[-1]], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
-def test_layouts(backend, layout):
+def test_layouts(backend, layout, s):
     device = backend.device
-    s = Sample("layout", multi_channel=True, mask="random")
     x, m, w, b = make_inputs(s, torch.float64, device)
     want, want_upd = run_op(backend, x, m, w, b, s)
     if layout == "channels_last":

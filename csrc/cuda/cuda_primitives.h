@@ -51,10 +51,13 @@ struct CudaPrimitives {
       if (!nhwc) {
         const bool vec = s.HW % W == 0 && aligned(xp, 16) && aligned(xmp, 16) && aligned(mp, W * sizeof(mask_t)) &&
                          aligned(pp, W * sizeof(acc_t));
+        int64_t per_group = 0;
         if (vec) {
-          launch(mask_pass_nchw_kernel<x_t, mask_t, W>, nchw_config<W>(s.N, s.HW), xp, mp, xmp, pp, s);
+          const LaunchConfig cfg = mask_pass_nchw_config<W>(s, xp != nullptr, pp != nullptr, &per_group);
+          launch(mask_pass_nchw_kernel<x_t, mask_t, W>, cfg, xp, mp, xmp, pp, s, per_group);
         } else {
-          launch(mask_pass_nchw_kernel<x_t, mask_t, 1>, nchw_config<1>(s.N, s.HW), xp, mp, xmp, pp, s);
+          const LaunchConfig cfg = mask_pass_nchw_config<1>(s, xp != nullptr, pp != nullptr, &per_group);
+          launch(mask_pass_nchw_kernel<x_t, mask_t, 1>, cfg, xp, mp, xmp, pp, s, per_group);
         }
         return;
       }
@@ -70,7 +73,7 @@ struct CudaPrimitives {
         }
       }
       if (pp != nullptr) {
-        launch(plane_nhwc_kernel<mask_t, acc_t>, plane_nhwc_config(s.Nm * s.HW), mp, pp, s.Nm * s.HW, s.Cm);
+        launch(plane_nhwc_kernel<mask_t, acc_t>, plane_nhwc_config(s.Nm * s.HW, s.Cm), mp, pp, s.Nm * s.HW, s.Cm);
       }
     });
     return true;  // bad values cannot be reported without a host sync: they show as NaN (maths.h, plane_value)

@@ -49,9 +49,13 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& v) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Mask pass. NCHW: per image n (blockIdx.y) and VEC pixels p: xm[n, c, p] = X*M for every channel (holes exact),
-// and, for the first Nm images, plane[n, p] = sum over the mask's channels (NaN for a value outside [0, 1]). With
-// x == nullptr only the plane is formed (mask_update). xm may alias x (the backward's in-place dX *= M).
+// Mask pass. NCHW: per image n and VEC pixels p: xm[n, c, p] = X*M for every channel (holes exact), and, for the
+// first Nm images, plane[n, p] = sum over the mask's channels (NaN for a value outside [0, 1]). With x == nullptr
+// only the plane is formed (mask_update). xm may alias x (the backward's in-place dX *= M).
+// The channels are spread over threadIdx.y and, for a single-channel mask, over blockIdx.z (channel groups), so a
+// small image with many channels (the U-Net's inner layers: 1024 channels of 4x4) is not one thread per pixel
+// looping over every channel. A multi-channel mask keeps its channels in one block (blockIdx.z == 0 only) and sums
+// the plane over threadIdx.y in shared memory, in a fixed order: deterministic, no atomics.
 struct MaskPassShape {
   int64_t N;   // images swept: the input's batch (Nm without an input)
   int64_t C;   // the input's channels
@@ -62,38 +66,85 @@ struct MaskPassShape {
 
 template <typename scalar_t, typename mask_t, int VEC>
 __global__ void mask_pass_nchw_kernel(const scalar_t* x, const mask_t* __restrict__ mask, scalar_t* xm,
-                                      acc_type_t<scalar_t>* __restrict__ plane, MaskPassShape s) {
+                                      acc_type_t<scalar_t>* __restrict__ plane, MaskPassShape s,
+                                      int64_t per_group) {
   using acc_t = acc_type_t<scalar_t>;
+  __shared__ acc_t red[kThreads * VEC];
   const int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  if (p >= s.HW) return;
+  const bool active = p < s.HW;  // no early return: the block may meet barriers below
+  const int64_t channels = x != nullptr ? s.C : s.Cm;
+  const int64_t c_begin = blockIdx.z * per_group;
+  const int64_t c_end = c_begin + per_group < channels ? c_begin + per_group : channels;
+  // Uniform over the block: whether the plane's channel sum needs the shared-memory reduction.
+  const bool reduce = s.Cm > 1 && blockDim.y > 1;
   for (int64_t n = blockIdx.y; n < s.N; n += gridDim.y) {
     const int64_t nm = s.Nm == 1 ? 0 : n;
-    const bool want_plane = plane != nullptr && n < s.Nm;
+    const bool want_plane = plane != nullptr && n < s.Nm && blockIdx.z == 0;  // uniform over the block
     acc_t sum[VEC];
     for (int v = 0; v < VEC; ++v) sum[v] = acc_t(0);
-    const int64_t channels = x != nullptr ? s.C : s.Cm;
-    Pack<mask_t, VEC> m = load_pack<VEC>(mask + nm * s.Cm * s.HW + p);
-    for (int64_t c = 0; c < channels; ++c) {
-      if (s.Cm > 1 && c > 0) m = load_pack<VEC>(mask + (nm * s.Cm + c) * s.HW + p);
-      if (x != nullptr) {
-        const int64_t at = (n * s.C + c) * s.HW + p;
-        const Pack<scalar_t, VEC> xv = load_pack<VEC>(x + at);
-        Pack<scalar_t, VEC> out;
-        for (int v = 0; v < VEC; ++v) {
-          out.v[v] = static_cast<scalar_t>(masked(static_cast<acc_t>(xv.v[v]), static_cast<acc_t>(m.v[v])));
+    if (active) {
+      Pack<mask_t, VEC> m;
+      if (s.Cm == 1) m = load_pack<VEC>(mask + nm * s.HW + p);
+      for (int64_t c = c_begin + threadIdx.y; c < c_end; c += blockDim.y) {
+        if (s.Cm > 1) m = load_pack<VEC>(mask + (nm * s.Cm + c) * s.HW + p);
+        if (x != nullptr) {
+          const int64_t at = (n * s.C + c) * s.HW + p;
+          const Pack<scalar_t, VEC> xv = load_pack<VEC>(x + at);
+          Pack<scalar_t, VEC> out;
+          for (int v = 0; v < VEC; ++v) {
+            out.v[v] = static_cast<scalar_t>(masked(static_cast<acc_t>(xv.v[v]), static_cast<acc_t>(m.v[v])));
+          }
+          store_pack<VEC>(xm + at, out);
         }
-        store_pack<VEC>(xm + at, out);
-      }
-      if (want_plane && (s.Cm > 1 || c == 0)) {
-        for (int v = 0; v < VEC; ++v) sum[v] += plane_value(static_cast<acc_t>(m.v[v]));
+        if (want_plane && (s.Cm > 1 || c == 0)) {
+          for (int v = 0; v < VEC; ++v) sum[v] += plane_value(static_cast<acc_t>(m.v[v]));
+        }
       }
     }
-    if (want_plane) {
+    if (!want_plane) continue;
+    if (reduce) {
+      for (int v = 0; v < VEC; ++v) red[(threadIdx.y * blockDim.x + threadIdx.x) * VEC + v] = sum[v];
+      __syncthreads();
+      if (threadIdx.y == 0) {
+        for (unsigned row = 1; row < blockDim.y; ++row) {
+          for (int v = 0; v < VEC; ++v) sum[v] += red[(row * blockDim.x + threadIdx.x) * VEC + v];
+        }
+      }
+      __syncthreads();  // red is reused by the next image
+    }
+    if (threadIdx.y == 0 && active) {  // a single-channel mask's value sits with channel 0: threadIdx.y == 0
       Pack<acc_t, VEC> out;
       for (int v = 0; v < VEC; ++v) out.v[v] = sum[v];
       store_pack<VEC>(plane + n * s.HW + p, out);
     }
   }
+}
+
+// Threads: up to 64 pixel vectors in x, the rest of the 256 on channels in y; for a single-channel mask, channel
+// groups in z until about kMaskPassBlocks blocks are in flight (a multi-channel mask reduces within one block).
+// *per_group: the channels of one group (the kernel's last argument).
+constexpr int64_t kMaskPassBlocks = 1024;
+
+template <int VEC>
+inline LaunchConfig mask_pass_nchw_config(const MaskPassShape& s, bool with_input, bool with_plane,
+                                          int64_t* per_group) {
+  const int64_t vectors = ceil_div(s.HW, VEC), channels = with_input ? s.C : s.Cm;
+  unsigned px = 1, ch = 1;
+  while (px < 64 && px < vectors) px *= 2;
+  while (px * ch < kThreads && ch < channels) ch *= 2;
+  const int64_t pixel_blocks = ceil_div(vectors, px);
+  const int64_t images = grid_y(s.N);
+  int64_t groups = 1;
+  if (s.Cm == 1) {
+    const int64_t max_groups = ceil_div(channels, ch);
+    groups = ceil_div(kMaskPassBlocks, pixel_blocks * images);
+    groups = groups < max_groups ? groups : max_groups;
+    groups = groups < kMaxGridY ? groups : kMaxGridY;
+  }
+  const bool barriers = with_plane && s.Cm > 1 && ch > 1;
+  *per_group = ceil_div(channels, groups);
+  return {dim3(static_cast<unsigned>(pixel_blocks), static_cast<unsigned>(images), static_cast<unsigned>(groups)),
+          dim3(px, ch), 0, barriers};
 }
 
 template <int VEC>
@@ -149,19 +200,32 @@ __global__ void mask_pass_nhwc_kernel(const scalar_t* x, const mask_t* __restric
   }
 }
 
-// NHWC plane: one thread per mask pixel sums its Cm contiguous channel values.
+// NHWC plane: threadIdx.x walks the Cm contiguous channel values of one mask pixel, threadIdx.y the pixels; the
+// lanes' partial sums are added in a fixed order through shared memory (deterministic).
 template <typename mask_t, typename acc_t>
 __global__ void plane_nhwc_kernel(const mask_t* __restrict__ mask, acc_t* __restrict__ plane, int64_t pixels,
                                   int64_t Cm) {
-  const int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (q >= pixels) return;
+  __shared__ acc_t red[kThreads];
+  const int64_t q = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool active = q < pixels;  // no early return: the block may meet the barrier below
   acc_t sum = acc_t(0);
-  for (int64_t c = 0; c < Cm; ++c) sum += plane_value(static_cast<acc_t>(mask[q * Cm + c]));
-  plane[q] = sum;
+  if (active) {
+    for (int64_t c = threadIdx.x; c < Cm; c += blockDim.x) sum += plane_value(static_cast<acc_t>(mask[q * Cm + c]));
+  }
+  if (blockDim.x > 1) {  // uniform over the block
+    red[threadIdx.y * blockDim.x + threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (unsigned lane = 1; lane < blockDim.x; ++lane) sum += red[threadIdx.y * blockDim.x + lane];
+    }
+  }
+  if (threadIdx.x == 0 && active) plane[q] = sum;
 }
 
-inline LaunchConfig plane_nhwc_config(int64_t pixels) {
-  return {dim3(static_cast<unsigned>(ceil_div(pixels, kThreads))), dim3(kThreads), 0, false};
+inline LaunchConfig plane_nhwc_config(int64_t pixels, int64_t Cm) {
+  LaunchConfig cfg = nhwc_config(pixels, Cm);
+  cfg.barriers = cfg.block.x > 1;
+  return cfg;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
