@@ -69,26 +69,32 @@ def partial_conv2d(
     padding_ = resolve_padding(padding, tuple(weight.shape[2:]), dilation_, stride_)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
-    # Through the autograd.Function (one backward with the op's own registration) rather than the bare op: its
-    # setup_context makes torch.func (grad, vjp, jacrev, vmap) work, which the dispatcher's autograd does not.
     args = (input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
-    if _records_nothing(input, weight, bias):  # the op itself, without the autograd.Function's Python overhead
+    path = _autograd_path(input, weight, bias)
+    if path == "op":  # nothing to record: the op itself, no autograd.Function overhead
         output, updated_mask, _, _ = torch.ops.pconv_cuda.partial_conv2d.default(*args)
+    elif path == "eager":
+        output, updated_mask, _, _ = _EagerPartialConv2d.apply(*args)
     else:
         output, updated_mask, _, _ = PartialConv2dFunction.apply(*args)
     return output, updated_mask
 
 
-def _records_nothing(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """True when no autograd mode would record this call: no reverse-mode graph (grad disabled or nothing requires
-    grad), no forward-mode AD level and no torch.func transform (those go through the autograd.Function, which
-    handles or refuses them), and not under torch.compile (which traces the Function)."""
+def _autograd_path(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
+    """How partial_conv2d runs a call, by what would record it:
+    "function": torch.compile, forward-mode AD or a torch.func transform: PartialConv2dFunction, whose
+        setup_context torch.func needs (it handles or refuses each transform; Dynamo traces it);
+    "eager": reverse mode only: the same Function in the old style (_EagerPartialConv2d), about 18 us cheaper per
+        call (for a setup_context Function, torch's apply binds default arguments through inspect.signature);
+    "op": nothing records the call (grad disabled or nothing requires grad): the op alone."""
     if torch.compiler.is_compiling():
-        return False
+        return "function"
+    if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return "function"
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return False
-    return forward_ad._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None
+        return "eager"
+    return "op"
 
 
 def mask_update(
@@ -118,35 +124,57 @@ class PartialConv2dFunction(torch.autograd.Function):
     returns the op's four outputs ``(output, updated_mask, ratio, masked_input)``: ratio and masked_input (X*M, an
     empty tensor for ``mask=None``) are what the backward keeps; only ``output`` and ``masked_input`` carry
     gradients. ``stride``, ``padding`` and ``dilation`` are (h, w) pairs. It has ``setup_context`` and a generated
-    vmap rule, so torch.func transforms (grad, vjp, jacrev, vmap) apply; :func:`partial_conv2d` runs through it.
+    vmap rule, so torch.func transforms (grad, vjp, jacrev, vmap) apply; :func:`partial_conv2d` runs through it
+    under torch.func and torch.compile (plain eager calls take a cheaper path to the same op and backward).
     """
 
     generate_vmap_rule = True  # vmap runs forward under vmap (the op's batched fallback) and derives the rest
 
     @staticmethod
     def forward(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
-        conv_args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups,
-                     bool(multi_channel))
-        op = torch.ops.pconv_cuda.partial_conv2d.default
-        if torch.compiler.is_compiling():
-            return op(input, mask, weight, bias, *conv_args)
-        # This Function records the graph; skip the op's own autograd kernel (what that kernel does itself once it
-        # has decided no graph is needed), a few microseconds of Python per call.
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(input, mask, weight, bias, *conv_args)
+        return _run_op(input, mask, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
+                       _pair(dilation, "dilation"), groups, bool(multi_channel))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        # The op's own autograd registration (pconv_cuda.ops) does the same: one backward for both.
         input, mask, weight, bias, stride, padding, dilation, groups, multi_channel = inputs
-        conv_args = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups,
-                     bool(multi_channel))
-        _, updated_mask, ratio, masked_input = output
-        ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, conv_args)
-        ctx.mark_non_differentiable(updated_mask, ratio)
-        ctx.set_materialize_grads(False)
+        _save(ctx, (input, mask, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
+                    _pair(dilation, "dilation"), groups, bool(multi_channel)), output)
 
     @staticmethod
     def backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
         grad_input, grad_weight, grad_bias = ops.input_grads(ctx, grad_output, grad_masked_input)
         return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
+
+
+class _EagerPartialConv2d(torch.autograd.Function):
+    """PartialConv2dFunction in the old style (forward takes ctx), for reverse-mode eager calls; see _autograd_path.
+    Takes normalised arguments."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _run_op(*inputs)
+        _save(ctx, inputs, output)
+        return output
+
+    backward = PartialConv2dFunction.backward
+
+
+def _run_op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    """The op, inside an autograd.Function's forward, which records the graph itself."""
+    op = torch.ops.pconv_cuda.partial_conv2d.default
+    if torch.compiler.is_compiling():
+        return op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+    # Skip the op's own autograd kernel (what that kernel does itself once it has decided not to record).
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+
+
+def _save(ctx, inputs, output) -> None:
+    # The op's own autograd registration (pconv_cuda.ops) does the same: one backward for every path.
+    input, mask, weight, bias, stride, padding, dilation, groups, multi_channel = inputs
+    _, updated_mask, ratio, masked_input = output
+    ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input,
+                          (stride, padding, dilation, groups, multi_channel))
+    ctx.mark_non_differentiable(updated_mask, ratio)
+    ctx.set_materialize_grads(False)

@@ -58,6 +58,8 @@ stage tests "${TESTS_LIMIT:-300}" bash -c "'$PY' -P -m pytest -q -rfE -p no:cach
     > '$RESULTS/tests.log' 2>&1; rc=\$?; tail -n 60 '$RESULTS/tests.log'; exit \$rc"
 stage "bench bfloat16" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 --dtype bfloat16 \
     --json "$RESULTS/bench_cuda_bfloat16.json" --markdown "$RESULTS/bench_cuda_bfloat16.md"
+stage "bench host overhead" "${BENCH_LIMIT:-120}" "$PY" benchmarks/overhead.py --devices cuda \
+    --json "$RESULTS/overhead_cuda.json"
 stage "bench U-Net" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 \
     --json "$RESULTS/bench_model_cuda.json"
 

@@ -121,6 +121,40 @@ def test_function_updated_mask_and_ratio_are_not_differentiable(main_backend, ma
     assert torch.equal(gx, m.expand_as(x).to(gx.dtype))
 
 
+# --- the three ways partial_conv2d runs a call -------------------------------------------------------------------
+
+def test_each_autograd_path_is_taken_where_documented_and_gives_the_same_result(main_backend):
+    # functional._autograd_path: the bare op when nothing records, the old-style Function for eager reverse mode,
+    # PartialConv2dFunction under torch.func and forward-mode AD. Same op and backward: the same numbers.
+    import torch.autograd.forward_ad as forward_ad
+    from pconv_cuda import functional
+
+    s = Sample("paths", mask="holes")
+    x, m, w, b = make_inputs(s, torch.float64, main_backend.device, requires_grad=True)
+    seen = []
+
+    def run(x, w, b):
+        seen.append(functional._autograd_path(x, w, b))
+        return pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))[0]
+
+    with torch.no_grad():
+        out_op = run(x, w, b)
+    out_eager = run(x, w, b)
+    assert out_eager.grad_fn is not None and "Eager" in type(out_eager.grad_fn).__name__
+    grad = torch.randn_like(out_eager)
+    eager = torch.autograd.grad(out_eager, (x, w, b), grad)
+    func = torch.func.vjp(run, x, w, b)[1](grad)
+    with forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match="jvp"):  # the Function refuses forward mode, clearly
+            run(forward_ad.make_dual(x.detach(), torch.ones_like(x)), w.detach(), b.detach())
+    assert seen == ["op", "eager", "function", "function"]
+    same(out_op, out_eager, "output: op vs eager")
+    # torch.func differentiates with the graph kept (the differentiable ATen formulation of the same backward,
+    # ops._differentiable_grads): float64 summation order only.
+    for name, a, c in zip(("input", "weight", "bias"), eager, func):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12, msg=lambda e: f"grad_{name}: {e}")
+
+
 # --- repeatability ------------------------------------------------------------------------------------------------
 
 def test_backward_twice_is_bitwise_equal(backend, deterministic):
