@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run. Builds pconv_cuda for the local GPU only (fast); runs the whole test suite
-# (failures and errors listed); then the benchmarks on CUDA (fp32 and bf16, batch 1 and 8, both CUDA routes) and the
-# whole U-Net. Results go to $RESULTS (default docs/): bench_cuda_<dtype>.{json,md,png}, bench_model_cuda.json,
-# tests.log. Every stage is timed and bounded, so the run fits a lease; later stages run even if earlier ones fail.
+# (failures and errors listed); then the benchmarks on CUDA (fp32 and bf16, batch 1 and 8, both CUDA routes), the
+# per-call host overhead and the whole U-Net. Results go to $RESULTS (default docs/): bench_cuda_<dtype>.{json,md,png},
+# overhead_cuda.json, bench_model_cuda.json, tests.log. Every stage is timed and bounded, so the run fits a lease;
+# later stages run even if earlier ones fail.
 #   scripts/gpu_check.sh     PY (default .venv/bin/python, else python3: a machine whose torch is already there),
 #                            MAX_JOBS, CUDA_HOME, PCONV_BUILD_EMU (default 0 here: the emulation is CPU-tested),
-#                            PYTEST_ARGS (e.g. "-n 8" with pytest-xdist), TESTS_LIMIT / BENCH_LIMIT (seconds)
+#                            PYTEST_ARGS (e.g. "-n 16 --timeout 120" with pytest-xdist and pytest-timeout: the
+#                            suite's CUDA gradchecks take 10-20 s each), TESTS_LIMIT / BENCH_LIMIT (seconds)
+# A lent H200 (torch 2.11, 16 cores) took 45 s to build, 20 s per benchmark dtype, ~130 s for the CUDA tests with
+# "-n 16". Its CXX (/opt/gcc/bin/g++) links libstdc++ statically, which setup.py refuses (two C++ runtimes in one
+# process crash on the first error message): the build is then retried with the system compiler when there is one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -33,9 +38,17 @@ echo "=== python $PY, torch $("$PY" -c 'import torch;print(torch.__version__, "C
 
 # FORCE_CUDA=1: fail here rather than build a CPU-only package on a GPU machine. --no-deps: use the torch that is
 # there (such a machine may have no package index).
-build() {
+install() {
+    set -o pipefail  # (exported functions run in a fresh bash)
     TORCH_CUDA_ARCH_LIST="$ARCH" PCONV_BUILD_EMU=${PCONV_BUILD_EMU:-0} FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
-        "$PY" -m pip install -q --no-build-isolation --no-deps . || return 1
+        "$PY" -m pip install -q --no-build-isolation --no-deps . 2>&1 | tee /tmp/pconv_build.log
+}
+build() {
+    if ! install; then
+        grep -q "libstdc++ linked in statically" /tmp/pconv_build.log && [ -x /usr/bin/g++ ] || return 1
+        echo "=== retrying with the system compiler (/usr/bin/g++): ${CXX:-g++} links libstdc++ statically"
+        CXX=/usr/bin/g++ CC=/usr/bin/gcc install || return 1
+    fi
     # The installed package (not the source tree) must have its CUDA kernels.
     (cd / && "$PY" -c "
 import torch, pconv_cuda
@@ -46,7 +59,7 @@ assert not ops.MISSING_CUDA_KERNELS, f'built without CUDA kernels: {ops.MISSING_
 print('CUDA kernels present on', torch.cuda.get_device_name())
 ")
 }
-export -f build; export ARCH PY
+export -f install build; export ARCH PY
 stage build 400 bash -c build || { echo "gpu_check.sh: build failed"; exit 1; }
 
 export PYTHONUNBUFFERED=1
