@@ -29,7 +29,9 @@ for every conv shape. Trust ratios between implementations more than absolute ti
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 from dataclasses import dataclass
 
 # Public spec-sheet numbers (NVIDIA H100 SXM5 and A100 SXM4 80GB datasheets; tensor rates dense, no sparsity).
@@ -238,8 +240,42 @@ def totals_table(gpus) -> list:
 
 CONSTANTS = ("BW_FRAC", "BCAST_FRAC", "LAUNCH_US", "HOST_OP_US", "HOST_CONV_US", "HOST_LAUNCH_US", "CONV_EFF_MAX",
              "CONV_KNEE", "OLD_INT_FRAC", "OLD_ITER_NS", "ONEPASS_FRAC", "THREADS_PER_SM")
-HEADER = ("ESTIMATES from a bytes / FLOPs / launches model (benchmarks/gpu_model.py), NOT measurements: no GPU was "
-          "available; no number here was timed. Forward only, microseconds; dtype fp32 = TF32 tensor-core convs.")
+HEADER = ("ESTIMATES from a bytes / FLOPs / launches model (benchmarks/gpu_model.py), NOT measurements: the model "
+          "times nothing. Forward only, microseconds; dtype fp32 = TF32 tensor-core convs. The one GPU measurement "
+          "so far (an H200, below) shows what the model misses.")
+MEASURED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "bench_cuda_float32.json")
+
+
+def measured_lines(path: str = MEASURED) -> list:
+    """The U-Net forward (sum of the 14 layers, single-channel mask) as bench.py MEASURED it on a GPU, next to this
+    model's H100 estimate; [] when there is no such measurement."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        data = json.load(f)
+    rows = [r for r in data["rows"] if r["device"] == "cuda/aten_conv" and r["mask"] == "single"
+            and r["pass_"] == "fwd"]
+    out = ["| batch | | plain | nvidia | peer | pconv (fused) |", "|---|---|---:|---:|---:|---:|"]
+    for b in sorted({r["batch"] for r in rows}):
+        sel = [r for r in rows if r["batch"] == b]
+        if len(sel) != len(unet_layers()):
+            continue
+        got = {k: 1e3 * sum(r[f"{k}_ms"] for r in sel) for k in ("plain", "reference", "peer", "fused")}
+        est = unet_forward_estimate("H100", "fp32", b, False)
+        pairs = [(got["plain"], est["plain"]), (got["reference"], est["nvidia"]), (got["peer"], est["peer"]),
+                 (got["fused"], est["pconv_new"])]
+        out.append(f"| {b} | measured | " + " | ".join(fmt(m) for m, _ in pairs) + " |")
+        out.append(f"| {b} | estimate (H100) | " + " | ".join(fmt(e) for _, e in pairs) + " |")
+        out.append(f"| {b} | measured / estimate | " + " | ".join(f"{m / e:.1f}x" for m, e in pairs) + " |")
+    return [f"MEASURED by `benchmarks/bench.py` ({os.path.basename(path)}: torch {data['torch']}, fp32, CUDA events "
+            f"around each eager call, the aten_conv route) against this model's H100 estimate (the H200 has the "
+            f"H100's compute and more bandwidth, so its GPU-side times can only be lower). Every implementation "
+            f"took several times the estimate, plain cuDNN included: at these sizes a layer costs what the host "
+            f"spends on it (Python, dispatch, cuDNN's per-call planning, allocation, launches), 50-250 us per layer "
+            f"on that machine against the 4-8 us per op assumed here (HOST_OP_US, HOST_CONV_US). The estimates "
+            f"are GPU-side lower bounds, not predictions of eager time; `benchmarks/overhead.py` measures the host "
+            f"part. The fused column is the code as it was measured (before the per-call host work and the mask "
+            f"pass were reduced).", "", *out] if len(out) > 2 else []
 LEGEND = ("`*` pconv_old took its one-pass FFMA kernel (auto route); elsewhere its vendor route. "
           "U-Net = sum of the 14 conv layers.")
 
@@ -262,6 +298,9 @@ def markdown(gpus) -> str:
         parts += [f"## Per layer: H100, {d}, batch 1, single-channel mask (estimate, us)", "", LEGEND, "",
                   *layer_table("H100", d, 1, False), ""]
     parts += ["## U-Net totals (estimate, us)", "", *totals_table(gpus), "", "![estimate](gpu_estimate.png)", ""]
+    measured = measured_lines()
+    if measured:
+        parts += ["## Against a measurement: U-Net forward on an NVIDIA H200 (us)", "", *measured, ""]
     return "\n".join(parts)
 
 

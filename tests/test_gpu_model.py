@@ -89,3 +89,17 @@ def test_old_route_rule():
 def test_output_is_labelled_estimate():
     md = gm.markdown(["H100"])
     assert "ESTIMATE" in md and "NOT measurements" in md and "Calibration" in md
+
+
+def test_measured_section_compares_the_h200_run_with_the_estimate(tmp_path):
+    lines = gm.measured_lines()
+    assert lines and "MEASURED" in lines[0]
+    rows = [ln for ln in lines if ln.startswith("| 1 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["measured", "estimate (H100)", "measured / estimate"]
+    measured = [float(v) for v in rows[0].split("|")[3:7]]
+    estimate = [float(v) for v in rows[1].split("|")[3:7]]
+    ratios = [float(v.strip().rstrip("x")) for v in rows[2].split("|")[3:7]]
+    assert all(m > 0 for m in measured) and all(e > 0 for e in estimate)
+    for m, e, r in zip(measured, estimate, ratios):
+        assert abs(m / e - r) <= 0.06 * r
+    assert gm.measured_lines(str(tmp_path / "absent.json")) == []
