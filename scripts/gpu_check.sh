@@ -15,7 +15,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=$(command -v python3)
+if [ -x "$PY" ] || [ -x "$ROOT/$PY" ]; then
+    case $PY in /*) ;; *) [ -x "$ROOT/$PY" ] && PY=$ROOT/$PY || PY=$(command -v "$PY") ;; esac
+else
+    PY=$(command -v "$PY" || command -v python3)
+fi
 RESULTS=${RESULTS:-docs}
 mkdir -p "$RESULTS"
 T0=$(date +%s)
@@ -38,16 +42,16 @@ echo "=== python $PY, torch $("$PY" -c 'import torch;print(torch.__version__, "C
 
 # FORCE_CUDA=1: fail here rather than build a CPU-only package on a GPU machine. --no-deps: use the torch that is
 # there (such a machine may have no package index).
-install() {
+pip_install_pconv() {
     set -o pipefail  # (exported functions run in a fresh bash)
     TORCH_CUDA_ARCH_LIST="$ARCH" PCONV_BUILD_EMU=${PCONV_BUILD_EMU:-0} FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
         "$PY" -m pip install -q --no-build-isolation --no-deps . 2>&1 | tee /tmp/pconv_build.log
 }
 build() {
-    if ! install; then
+    if ! pip_install_pconv; then
         grep -q "libstdc++ linked in statically" /tmp/pconv_build.log && [ -x /usr/bin/g++ ] || return 1
         echo "=== retrying with the system compiler (/usr/bin/g++): ${CXX:-g++} links libstdc++ statically"
-        CXX=/usr/bin/g++ CC=/usr/bin/gcc install || return 1
+        CXX=/usr/bin/g++ CC=/usr/bin/gcc pip_install_pconv || return 1
     fi
     # The installed package (not the source tree) must have its CUDA kernels.
     (cd / && "$PY" -c "
@@ -59,7 +63,7 @@ assert not ops.MISSING_CUDA_KERNELS, f'built without CUDA kernels: {ops.MISSING_
 print('CUDA kernels present on', torch.cuda.get_device_name())
 ")
 }
-export -f install build; export ARCH PY
+export -f pip_install_pconv build; export ARCH PY
 stage build 400 bash -c build || { echo "gpu_check.sh: build failed"; exit 1; }
 
 export PYTHONUNBUFFERED=1

@@ -121,6 +121,15 @@ def test_function_updated_mask_and_ratio_are_not_differentiable(main_backend, ma
     assert torch.equal(gx, m.expand_as(x).to(gx.dtype))
 
 
+@pytest.mark.parametrize("shape, multi", [((1, 1, 0, 4), False), ((2, 0, 5, 6), True)], ids=["no_pixels", "no_channels"])
+def test_mask_update_of_an_empty_mask(backend, shape, multi):
+    # No pixels: every window lies in the padding; no channels: nothing is valid. Either way S = 0 everywhere.
+    m = torch.ones(shape, device=backend.device)
+    ratio, upd = backend.ops.mask_update(m, [1, 1], [1, 1], [1, 1], [1, 1], multi)
+    assert ratio.shape == upd.shape == (shape[0], 1, shape[2] + 2, shape[3] + 2)
+    assert not ratio.any() and not upd.any()
+
+
 # --- the three ways partial_conv2d runs a call -------------------------------------------------------------------
 
 def test_each_autograd_path_is_taken_where_documented_and_gives_the_same_result(main_backend):

@@ -61,6 +61,11 @@ Geometry check_conv_args(const char* op, const at::Tensor& input, const c10::opt
   g.win = make_window(weight.size(2), weight.size(3), stride, padding, dilation);
 
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  // ATen's convolution returns (N, 0, H', W') for zero input channels, not (N, C_out, H', W'), and fails on an empty
+  // image with a backend's message: both are refused here, with the shape.
+  TORCH_CHECK(g.C_in >= 1, op, ": input must have at least one channel (C_in >= 1), got shape ", input.sizes());
+  TORCH_CHECK(g.H >= 1 && g.W >= 1, op, ": input must have at least one pixel (H, W >= 1), got shape ",
+              input.sizes());
   TORCH_CHECK(g.C_in % groups == 0, op, ": groups=", groups, " must divide the input channels C_in=", g.C_in);
   TORCH_CHECK(g.C_out % groups == 0, op, ": groups=", groups, " must divide the output channels C_out=", g.C_out);
   TORCH_CHECK(weight.size(1) * groups == g.C_in, op, ": weight of shape ", weight.sizes(), " expects ",

@@ -36,16 +36,19 @@ struct CudaPrimitives {
   Launch& launch;
 
   bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane) {
+    if (mask.size(2) * mask.size(3) == 0) return true;  // no pixels: nothing to write, the plane is empty too
+    // An input with no elements (no channels) has no X*M to form; the plane is still the mask's.
+    const bool sweep = x.defined() && x.numel() > 0;
     const bool nhwc = layout_of(x.defined() ? x : mask) == at::MemoryFormat::ChannelsLast;
-    const MaskPassShape s{x.defined() ? x.size(0) : mask.size(0), x.defined() ? x.size(1) : mask.size(1),
+    const MaskPassShape s{sweep ? x.size(0) : mask.size(0), sweep ? x.size(1) : mask.size(1),
                           mask.size(2) * mask.size(3), mask.size(0), mask.size(1)};
     check_index_range("pixels per image", s.HW);
     const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
     dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
       using acc_t = acc_type_t<x_t>;
       constexpr int W = 16 / sizeof(x_t);
-      const x_t* xp = ptr_or_null<x_t>(x);
-      x_t* xmp = x.defined() ? xm.mutable_data_ptr<x_t>() : nullptr;
+      const x_t* xp = sweep ? x.const_data_ptr<x_t>() : nullptr;
+      x_t* xmp = sweep ? xm.mutable_data_ptr<x_t>() : nullptr;
       acc_t* pp = plane.defined() ? plane.mutable_data_ptr<acc_t>() : nullptr;
       const mask_t* mp = mask.const_data_ptr<mask_t>();
       if (!nhwc) {

@@ -135,11 +135,12 @@ inline LaunchConfig mask_pass_nchw_config(const MaskPassShape& s, bool with_inpu
   const int64_t pixel_blocks = ceil_div(vectors, px);
   const int64_t images = grid_y(s.N);
   int64_t groups = 1;
-  if (s.Cm == 1) {
+  if (s.Cm == 1 && channels > ch && pixel_blocks > 0) {
     const int64_t max_groups = ceil_div(channels, ch);
     groups = ceil_div(kMaskPassBlocks, pixel_blocks * images);
     groups = groups < max_groups ? groups : max_groups;
     groups = groups < kMaxGridY ? groups : kMaxGridY;
+    groups = groups > 1 ? groups : 1;
   }
   const bool barriers = with_plane && s.Cm > 1 && ch > 1;
   *per_group = ceil_div(channels, groups);
