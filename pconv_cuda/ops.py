@@ -118,7 +118,7 @@ def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = 
         grad_input, grad_weight, grad_bias = _differentiable_grads(
             grad_output, conv_input, mask, weight, ratio, updated_mask, ctx.conv_args, output_mask)
     else:
-        backward = getattr(torch.ops, ctx.ns)._partial_conv2d_backward
+        backward = getattr(torch.ops, ctx.ns)._partial_conv2d_backward.default
         grad_input, grad_weight, grad_bias = backward(grad_output, conv_input, mask, weight, ratio, updated_mask,
                                                       *ctx.conv_args, output_mask)
     if grad_masked_input is not None and mask is not None and output_mask[0]:

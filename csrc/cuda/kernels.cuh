@@ -120,8 +120,9 @@ __global__ void mask_pass_nchw_kernel(const scalar_t* x, const mask_t* __restric
   }
 }
 
-// Threads: up to 64 pixel vectors in x, the rest of the 256 on channels in y; for a single-channel mask, channel
-// groups in z until about kMaskPassBlocks blocks are in flight (a multi-channel mask reduces within one block).
+// Threads: up to 64 pixel vectors in x (128 or 256 with 2 or 1 channels), the rest of the 256 on channels in y; for
+// a single-channel mask, channel groups in z until about kMaskPassBlocks blocks are in flight (a multi-channel mask
+// reduces within one block).
 // *per_group: the channels of one group (the kernel's last argument).
 constexpr int64_t kMaskPassBlocks = 1024;
 
@@ -129,8 +130,9 @@ template <int VEC>
 inline LaunchConfig mask_pass_nchw_config(const MaskPassShape& s, bool with_input, bool with_plane,
                                           int64_t* per_group) {
   const int64_t vectors = ceil_div(s.HW, VEC), channels = with_input ? s.C : s.Cm;
-  unsigned px = 1, ch = 1;
-  while (px < 64 && px < vectors) px *= 2;
+  unsigned px = 1, ch = 1, ch_min = 1;
+  while (ch_min < 4 && ch_min < channels) ch_min *= 2;  // at least 4 channel rows when there are 4 channels
+  while (px < kThreads / ch_min && px < vectors) px *= 2;
   while (px * ch < kThreads && ch < channels) ch *= 2;
   const int64_t pixel_blocks = ceil_div(vectors, px);
   const int64_t images = grid_y(s.N);
