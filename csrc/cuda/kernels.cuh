@@ -23,7 +23,7 @@ struct LaunchConfig {
   dim3 grid;
   dim3 block;
   size_t shared_bytes;
-  bool barriers;  // the kernel calls __syncthreads() (the emulation runs such blocks as fibers)
+  bool barriers;  // the kernel calls __syncthreads() or a warp collective (the emulation runs such blocks as fibers)
 };
 
 constexpr int kThreads = 256;
