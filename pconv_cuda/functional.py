@@ -80,6 +80,52 @@ def partial_conv2d(
     return output, updated_mask
 
 
+def _single(value, name: str) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 1 and type(value[0]) is int:
+        return value[0]
+    raise TypeError(f"{name} must be an int or a 1-tuple of ints, got {value!r}")
+
+
+def partial_conv1d(
+    input: Tensor,
+    mask: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[str, int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    multi_channel: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """1-D partial convolution: :func:`partial_conv2d` on a height-1 view. Returns ``(output, updated_mask)``.
+
+    ``input`` is (N, C_in, L), ``weight`` (C_out, C_in / groups, k), ``mask`` (N or 1, 1, L), or (N or 1, C_in, L)
+    with ``multi_channel=True``, or ``None``. A window of height 1 with no vertical padding covers the one row, so S,
+    ``win = k`` (``C_in*k`` multi-channel), ratio and U are exactly the 1-D ones; ``updated_mask`` is
+    (N_mask, 1, L'). Same ops, same backward, same dtypes and autograd paths as the 2-D call.
+    """
+    if input.dim() != 3:
+        raise ValueError(f"partial_conv1d: input must be a 3-D tensor (N, C_in, L), got shape {list(input.shape)}")
+    if weight.dim() != 3:
+        raise ValueError(f"partial_conv1d: weight must be a 3-D tensor (C_out, C_in / groups, k), got shape "
+                         f"{list(weight.shape)}")
+    if mask is not None and mask.dim() != 3:
+        raise ValueError(f"partial_conv1d: mask must be a 3-D tensor (N, C, L), got shape {list(mask.shape)}")
+    if mask is not None and mask.shape[2] != input.shape[2]:
+        raise ValueError(f"partial_conv1d: mask length {mask.shape[2]} must equal the input's {input.shape[2]}")
+    stride_, dilation_ = _single(stride, "stride"), _single(dilation, "dilation")
+    if isinstance(padding, str):
+        padding_ = resolve_padding(padding, (1, weight.shape[2]), (1, dilation_), (1, stride_))
+    else:
+        padding_ = (0, _single(padding, "padding"))
+    output, updated_mask = partial_conv2d(input.unsqueeze(2), None if mask is None else mask.unsqueeze(2),
+                                          weight.unsqueeze(2), bias, (1, stride_), padding_, (1, dilation_), groups,
+                                          multi_channel)
+    return output.squeeze(2), updated_mask.squeeze(2)
+
+
 def _autograd_path(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
     """How partial_conv2d runs a call, by what would record it:
     "function": torch.compile, forward-mode AD or a torch.func transform: PartialConv2dFunction, whose

@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from pconv_cuda.functional import partial_conv2d, resolve_padding
+from pconv_cuda.functional import partial_conv1d, partial_conv2d, resolve_padding
 
 
 class PartialConv2d(nn.Conv2d):
@@ -57,6 +57,55 @@ class PartialConv2d(nn.Conv2d):
         if self.multi_channel:
             batch = input.shape[0] if mask_in is None else updated_mask.shape[0]
             updated_mask = updated_mask.expand(batch, self.out_channels, -1, -1)
+        return output, updated_mask
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", multi_channel={self.multi_channel}, return_mask={self.return_mask}"
+
+
+class PartialConv1d(nn.Conv1d):
+    """1-D partial convolution with :class:`PartialConv2d`'s contract, on the same fused ops (a height-1 view).
+
+    A subclass of ``nn.Conv1d`` (its state_dict loads unchanged); ``multi_channel`` and ``return_mask`` as in the 2-D
+    layer; ``forward(input, mask_in=None)`` takes (N, C_in, L) and a mask (N or 1, 1, L), or (N or 1, C_in, L) with
+    ``multi_channel=True``. The updated mask is (N_mask, 1, L'), or an expanded (N, C_out, L') view with
+    ``multi_channel=True``. See :func:`pconv_cuda.functional.partial_conv1d`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int]],
+        stride: Union[int, Tuple[int]] = 1,
+        padding: Union[str, int, Tuple[int]] = 0,
+        dilation: Union[int, Tuple[int]] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        multi_channel: bool = False,
+        return_mask: bool = False,
+    ) -> None:
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode must be 'zeros' for a partial convolution (padding counts as hole; that is the "
+                f"'partial convolution based padding' of the method), got {padding_mode!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.multi_channel = multi_channel
+        self.return_mask = return_mask
+
+    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
+        output, updated_mask = partial_conv1d(input, mask_in, self.weight, self.bias, self.stride, self.padding,
+                                              self.dilation, self.groups, self.multi_channel)
+        if not self.return_mask:
+            return output
+        if self.multi_channel:
+            batch = input.shape[0] if mask_in is None else updated_mask.shape[0]
+            updated_mask = updated_mask.expand(batch, self.out_channels, -1)
         return output, updated_mask
 
     def extra_repr(self) -> str:
