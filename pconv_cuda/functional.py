@@ -80,6 +80,23 @@ def partial_conv2d(
     return output, updated_mask
 
 
+def _autograd_path(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
+    """How partial_conv2d runs a call, by what would record it:
+    "function": torch.compile, forward-mode AD or a torch.func transform: PartialConv2dFunction, whose
+        setup_context torch.func needs (it handles or refuses each transform; Dynamo traces it);
+    "eager": reverse mode only: the same Function in the old style (_EagerPartialConv2d), about 18 us cheaper per
+        call (for a setup_context Function, torch's apply binds default arguments through inspect.signature);
+    "op": nothing records the call (grad disabled or nothing requires grad): the op alone."""
+    if torch.compiler.is_compiling():
+        return "function"
+    if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return "function"
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return "eager"
+    return "op"
+
+
 def _single(value, name: str) -> int:
     if type(value) is int:
         return value
@@ -124,23 +141,6 @@ def partial_conv1d(
                                           weight.unsqueeze(2), bias, (1, stride_), padding_, (1, dilation_), groups,
                                           multi_channel)
     return output.squeeze(2), updated_mask.squeeze(2)
-
-
-def _autograd_path(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
-    """How partial_conv2d runs a call, by what would record it:
-    "function": torch.compile, forward-mode AD or a torch.func transform: PartialConv2dFunction, whose
-        setup_context torch.func needs (it handles or refuses each transform; Dynamo traces it);
-    "eager": reverse mode only: the same Function in the old style (_EagerPartialConv2d), about 18 us cheaper per
-        call (for a setup_context Function, torch's apply binds default arguments through inspect.signature);
-    "op": nothing records the call (grad disabled or nothing requires grad): the op alone."""
-    if torch.compiler.is_compiling():
-        return "function"
-    if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
-        return "function"
-    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return "eager"
-    return "op"
 
 
 def mask_update(
