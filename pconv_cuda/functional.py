@@ -130,7 +130,8 @@ def partial_conv1d(
                          f"{list(weight.shape)}")
     if mask is not None and mask.dim() != 3:
         raise ValueError(f"partial_conv1d: mask must be a 3-D tensor (N, C, L), got shape {list(mask.shape)}")
-    if mask is not None and mask.shape[2] != input.shape[2]:
+    # (The op checks it too, in 2-D terms; this is the 1-D message. Skipped while tracing, where sizes are traced.)
+    if mask is not None and not torch.jit.is_tracing() and mask.shape[2] != input.shape[2]:
         raise ValueError(f"partial_conv1d: mask length {mask.shape[2]} must equal the input's {input.shape[2]}")
     stride_, dilation_ = _single(stride, "stride"), _single(dilation, "dilation")
     if isinstance(padding, str):

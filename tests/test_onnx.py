@@ -103,6 +103,28 @@ def test_partial_conv2d_module(case, dynamo, tmp_path):
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("multi_channel", [False, True], ids=["single", "multi"])
+def test_partial_conv1d_module(multi_channel, dynamo, tmp_path):
+    # The 1-D layer is the 2-D op on a height-1 view: the export carries the unsqueeze/squeeze around the same graph.
+    torch.manual_seed(0)
+    layer = pconv_cuda.PartialConv1d(4, 6, 5, padding=2, multi_channel=multi_channel, return_mask=True).eval()
+
+    def inputs(n, seed):
+        x = torch.randn(n, 4, 23, generator=torch.Generator().manual_seed(seed))
+        mask = _binary_mask(n, 4 if multi_channel else 1, 1, 23, seed)[:, :, 0]
+        return (x.masked_fill(mask == 0, float("nan")), mask)
+
+    session = _export(layer, inputs(2, 1), tmp_path / "layer1d.onnx", dynamo)
+    for n in (2, 3):
+        args = inputs(n, 10 + n)
+        with torch.no_grad():
+            expected = _as_list(layer(*args))
+        got = _run(session, args)
+        torch.testing.assert_close(got[0], expected[0], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(got[1], expected[1].contiguous(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_float16(dynamo, tmp_path):
     # The graph renormalises in float32 (as the kernels do) and casts back: the output differs from PyTorch's by
     # the fp16 rounding of the convolution (eps 1e-3; outputs of order 1-5 here), hence 1e-2 / 1e-2.
