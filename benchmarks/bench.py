@@ -97,6 +97,11 @@ class Clock:
         return (time.perf_counter() - t0) * 1e3
 
 
+def rotation(names: List[str], r: int) -> List[str]:
+    """The order of round r: interleaved and rotated so that drift on a shared machine hits every variant alike."""
+    return names[r % len(names):] + names[:r % len(names)]
+
+
 def run_case(layer, batch, multi, backward, device, dtype, repeats, clock) -> Row:
     x, m, conv = make_case(layer, batch, multi, device, dtype)
     fns = variants(x, m, conv, multi)
@@ -128,8 +133,7 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock) -> Ro
             peak[name] = torch.cuda.max_memory_allocated() / 2**20
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(repeats):
-        # Interleaved and rotated so that drift on a shared machine hits every variant alike.
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotation(names, r):
             times[name].append(clock.time_ms(lambda: step(fns[name])))
     med = {n: statistics.median(t) for n, t in times.items()}
     return Row(device, layer.name, f"{layer.c_in}->{layer.c_out} k{layer.k} s{layer.stride} @{layer.size}",

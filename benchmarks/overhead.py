@@ -24,7 +24,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import make_case, variants  # noqa: E402
+from bench import make_case, rotation, variants  # noqa: E402
 from gpu_model import Layer  # noqa: E402
 
 TINY = Layer("tiny", 8, 8, 3, 1, 8)  # 8 -> 8 channels, 3x3, 8x8 pixels: no arithmetic to speak of
@@ -60,7 +60,7 @@ def measure(device: str, backward: bool, multi: bool, calls: int, repeats: int) 
             step(fns[name])
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotation(names, r):
             times[name].append(per_call_us(lambda: step(fns[name]), calls, device))
     return {n: statistics.median(t) for n, t in times.items()}
 

@@ -9,7 +9,33 @@ from torch import Tensor, nn
 from pconv_cuda.functional import partial_conv1d, partial_conv2d, resolve_padding
 
 
-class PartialConv2d(nn.Conv2d):
+def _check_padding_mode(padding_mode: str) -> None:
+    if padding_mode != "zeros":
+        raise ValueError(
+            f"padding_mode must be 'zeros' for a partial convolution (padding counts as hole; that is the "
+            f"'partial convolution based padding' of the method), got {padding_mode!r}")
+
+
+class _PartialConv:
+    """What PartialConv1d and PartialConv2d add to their nn.ConvNd: the returned mask and the method's keywords in
+    the repr (`multi_channel` and `return_mask` are set by each __init__)."""
+
+    multi_channel: bool
+    return_mask: bool
+
+    def _returned(self, input: Tensor, mask_in: Optional[Tensor], output: Tensor, updated_mask: Tensor):
+        if not self.return_mask:
+            return output
+        if self.multi_channel:  # NVIDIA's shape: one map per output channel (an expanded view here)
+            batch = input.shape[0] if mask_in is None else updated_mask.shape[0]
+            updated_mask = updated_mask.expand(batch, self.out_channels, *(-1,) * (updated_mask.dim() - 2))
+        return output, updated_mask
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", multi_channel={self.multi_channel}, return_mask={self.return_mask}"
+
+
+class PartialConv2d(_PartialConv, nn.Conv2d):
     """Drop-in replacement for NVIDIA's ``PartialConv2d`` on the fused op.
 
     A subclass of ``nn.Conv2d`` with the same parameters, so a state_dict of an ``nn.Conv2d`` or of NVIDIA's layer
@@ -38,10 +64,7 @@ class PartialConv2d(nn.Conv2d):
         multi_channel: bool = False,
         return_mask: bool = False,
     ) -> None:
-        if padding_mode != "zeros":
-            raise ValueError(
-                f"padding_mode must be 'zeros' for a partial convolution (padding counts as hole; that is the "
-                f"'partial convolution based padding' of the method), got {padding_mode!r}")
+        _check_padding_mode(padding_mode)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
         self.multi_channel = multi_channel
@@ -52,18 +75,10 @@ class PartialConv2d(nn.Conv2d):
     def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
         output, updated_mask = partial_conv2d(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
                                          self.dilation, self.groups, self.multi_channel)
-        if not self.return_mask:
-            return output
-        if self.multi_channel:
-            batch = input.shape[0] if mask_in is None else updated_mask.shape[0]
-            updated_mask = updated_mask.expand(batch, self.out_channels, -1, -1)
-        return output, updated_mask
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", multi_channel={self.multi_channel}, return_mask={self.return_mask}"
+        return self._returned(input, mask_in, output, updated_mask)
 
 
-class PartialConv1d(nn.Conv1d):
+class PartialConv1d(_PartialConv, nn.Conv1d):
     """1-D partial convolution with :class:`PartialConv2d`'s contract, on the same fused ops (a height-1 view).
 
     A subclass of ``nn.Conv1d`` (its state_dict loads unchanged); ``multi_channel`` and ``return_mask`` as in the 2-D
@@ -89,10 +104,7 @@ class PartialConv1d(nn.Conv1d):
         multi_channel: bool = False,
         return_mask: bool = False,
     ) -> None:
-        if padding_mode != "zeros":
-            raise ValueError(
-                f"padding_mode must be 'zeros' for a partial convolution (padding counts as hole; that is the "
-                f"'partial convolution based padding' of the method), got {padding_mode!r}")
+        _check_padding_mode(padding_mode)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
         self.multi_channel = multi_channel
@@ -101,12 +113,4 @@ class PartialConv1d(nn.Conv1d):
     def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
         output, updated_mask = partial_conv1d(input, mask_in, self.weight, self.bias, self.stride, self.padding,
                                               self.dilation, self.groups, self.multi_channel)
-        if not self.return_mask:
-            return output
-        if self.multi_channel:
-            batch = input.shape[0] if mask_in is None else updated_mask.shape[0]
-            updated_mask = updated_mask.expand(batch, self.out_channels, -1)
-        return output, updated_mask
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", multi_channel={self.multi_channel}, return_mask={self.return_mask}"
+        return self._returned(input, mask_in, output, updated_mask)

@@ -109,17 +109,3 @@ def test_bad_arguments(kw, error, match):
     with pytest.raises(error, match=match):
         functional.partial_conv1d(**a)
 
-
-def test_torch_compile_fullgraph(main_backend):
-    device = main_backend.device
-    layer = pconv_cuda.PartialConv1d(4, 6, 3, padding=1, return_mask=True).to(device)
-    x = torch.randn(2, 4, 13, device=device, requires_grad=True)
-    m = (torch.rand(2, 1, 13, device=device) > 0.3).float()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    out, upd = compiled(x, m)
-    want, want_upd = layer(x, m)
-    torch.testing.assert_close(out, want)
-    torch.testing.assert_close(upd, want_upd)
-    g1, = torch.autograd.grad(out.sum(), x)
-    g2, = torch.autograd.grad(want.sum(), x)
-    torch.testing.assert_close(g1, g2)

@@ -646,6 +646,19 @@ inline ::pconv_emu::Block& wmma_block(const char* name, const void* ptr, unsigne
   return b;
 }
 
+// load_matrix_sync / store_matrix_sync: the same collective over (pointer, ldm, memory layout, one fragment).
+inline void memory_collective(const char* name, void (*run)(WarpCall* const*), const void* ptr, unsigned ldm,
+                              size_t element_bytes, layout_t layout, void* frag) {
+  ::pconv_emu::Block& b = wmma_block(name, ptr, ldm, element_bytes);
+  WarpCall c{name, ~0u, run};
+  c.same_args = true;
+  c.ptr = ptr;
+  c.args[0] = ldm;
+  c.args[1] = layout;
+  c.frag[0] = frag;
+  b.warp_collective(c);
+}
+
 template <class Frag>
 void run_load(WarpCall* const* lanes) {
   using E = typename Frag::element_type;
@@ -721,41 +734,21 @@ template <class Use, int M, int N, int K, class T, class Layout>
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& a,
                       const typename fragment<Use, M, N, K, T, Layout>::element_type* mptr, unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load takes a layout_t");
-  using Frag = fragment<Use, M, N, K, T, Layout>;
-  ::pconv_emu::Block& b = detail::wmma_block("wmma::load_matrix_sync", mptr, ldm, sizeof(*mptr));
-  ::pconv_emu::WarpCall c{"wmma::load_matrix_sync", ~0u, &detail::run_load<Frag>};
-  c.same_args = true;
-  c.ptr = mptr;
-  c.args[0] = ldm;
-  c.args[1] = std::is_same_v<Layout, row_major> ? mem_row_major : mem_col_major;
-  c.frag[0] = &a;
-  b.warp_collective(c);
+  detail::memory_collective("wmma::load_matrix_sync", &detail::run_load<fragment<Use, M, N, K, T, Layout>>, mptr, ldm,
+                            sizeof(*mptr), std::is_same_v<Layout, row_major> ? mem_row_major : mem_col_major, &a);
 }
 
 template <int M, int N, int K, class T>
 void load_matrix_sync(fragment<accumulator, M, N, K, T>& a, const T* mptr, unsigned ldm, layout_t layout) {
-  using Frag = fragment<accumulator, M, N, K, T>;
-  ::pconv_emu::Block& b = detail::wmma_block("wmma::load_matrix_sync", mptr, ldm, sizeof(T));
-  ::pconv_emu::WarpCall c{"wmma::load_matrix_sync", ~0u, &detail::run_load<Frag>};
-  c.same_args = true;
-  c.ptr = mptr;
-  c.args[0] = ldm;
-  c.args[1] = layout;
-  c.frag[0] = &a;
-  b.warp_collective(c);
+  detail::memory_collective("wmma::load_matrix_sync", &detail::run_load<fragment<accumulator, M, N, K, T>>, mptr, ldm,
+                            sizeof(T), layout, &a);
 }
 
 template <int M, int N, int K, class T>
 void store_matrix_sync(T* mptr, const fragment<accumulator, M, N, K, T>& a, unsigned ldm, layout_t layout) {
   using Frag = fragment<accumulator, M, N, K, T>;
-  ::pconv_emu::Block& b = detail::wmma_block("wmma::store_matrix_sync", mptr, ldm, sizeof(T));
-  ::pconv_emu::WarpCall c{"wmma::store_matrix_sync", ~0u, &detail::run_store<Frag>};
-  c.same_args = true;
-  c.ptr = mptr;
-  c.args[0] = ldm;
-  c.args[1] = layout;
-  c.frag[0] = const_cast<Frag*>(&a);
-  b.warp_collective(c);
+  detail::memory_collective("wmma::store_matrix_sync", &detail::run_store<Frag>, mptr, ldm, sizeof(T), layout,
+                            const_cast<Frag*>(&a));
 }
 
 template <int M, int N, int K, class T, class LA, class LB>
