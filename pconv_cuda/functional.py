@@ -10,35 +10,41 @@ from torch import Tensor
 from pconv_cuda import ops
 
 IntOrPair = Union[int, Sequence[int]]
+_TUPLE_NAMES = {2: "pair", 3: "triple"}
 
 
-def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
-    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
-        return value  # already a pair (the module's attributes): the per-call fast path
+def _ntuple(value: IntOrPair, n: int, name: str) -> Tuple[int, ...]:
+    """An int or n ints as an n-tuple of ints (one per spatial dimension)."""
+    if type(value) is tuple and len(value) == n and all(type(v) is int for v in value):
+        return value  # already normalised (the module's attributes): the per-call fast path
+    what = f"an int or a {_TUPLE_NAMES.get(n, f'{n}-tuple')} of ints"
     if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {type(value).__name__}")
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    t = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(t) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in t):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    return t  # type: ignore[return-value]
 
 
-def resolve_padding(padding: Union[str, IntOrPair], kernel_size: Tuple[int, int], dilation: Tuple[int, int],
-                    stride: Tuple[int, int]) -> Tuple[int, int]:
-    """Turns nn.Conv2d's 'valid' / 'same' into a symmetric (ph, pw); other values pass through _pair."""
+def resolve_padding(padding: Union[str, IntOrPair], kernel_size: Tuple[int, ...], dilation: Tuple[int, ...],
+                    stride: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Turns nn.ConvNd's 'valid' / 'same' into symmetric padding, one value per spatial dimension (as many as
+    kernel_size has); other values pass through as that many ints."""
+    n = len(kernel_size)
     if not isinstance(padding, str):
-        return _pair(padding, "padding")
+        return _ntuple(padding, n, "padding")
     if padding == "valid":
-        return (0, 0)
+        return (0,) * n
     if padding == "same":
-        if stride != (1, 1):
+        if any(s != 1 for s in stride):
             raise ValueError("padding='same' is only supported with stride 1, like nn.Conv2d")
         total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
         if any(t % 2 for t in total):
             raise ValueError(f"padding='same' needs an odd dilated kernel extent for symmetric padding; kernel "
                              f"{kernel_size} with dilation {dilation} would need asymmetric padding")
-        return (total[0] // 2, total[1] // 2)
-    raise ValueError(f"padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
+        return tuple(t // 2 for t in total)
+    raise ValueError(f"padding must be 'valid', 'same', an int or a {_TUPLE_NAMES.get(n, f'{n}-tuple')} of ints, "
+                     f"got {padding!r}")
 
 
 def partial_conv2d(
@@ -64,27 +70,58 @@ def partial_conv2d(
     or uint8, with values in [0, 1] (1 = valid, 0 = hole); ``None`` means no holes. ``updated_mask`` is ``U`` of
     shape (N_mask, 1, H', W') in the input's dtype. Differentiable in input, weight and bias, not in mask.
     """
-    stride_ = _pair(stride, "stride")
-    dilation_ = _pair(dilation, "dilation")
-    padding_ = resolve_padding(padding, tuple(weight.shape[2:]), dilation_, stride_)
+    return _partial_conv(2, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+
+
+def partial_conv3d(
+    input: Tensor,
+    mask: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: Union[str, IntOrPair] = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    multi_channel: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """3-D partial convolution (video, volumes). Returns ``(output, updated_mask)``.
+
+    :func:`partial_conv2d` with a depth: ``input`` (N, C_in, D, H, W), ``weight`` (C_out, C_in / groups, kd, kh, kw),
+    ``mask`` (N or 1, 1, D, H, W), or (N or 1, C_in, D, H, W) with ``multi_channel=True``, or ``None``; stride,
+    padding and dilation are an int or three ints. S is the window sum over (kd, kh, kw), ``win = kd*kh*kw``
+    (``C_in*kd*kh*kw`` multi-channel); ``updated_mask`` is (N_mask, 1, D', H', W'). Same semantics, dtypes and
+    autograd paths as the 2-D call.
+    """
+    return _partial_conv(3, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+
+
+def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    stride_ = _ntuple(stride, dims, "stride")
+    dilation_ = _ntuple(dilation, dims, "dilation")
+    padding_ = resolve_padding(padding, tuple(weight.shape[2:2 + dims]), dilation_, stride_)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
     args = (input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
     path = _autograd_path(input, weight, bias)
     if path == "op":  # nothing to record: the op itself, no autograd.Function overhead
-        output, updated_mask, _, _ = torch.ops.pconv_cuda.partial_conv2d.default(*args)
+        output, updated_mask, _, _ = _op(dims)(*args)
     elif path == "eager":
-        output, updated_mask, _, _ = _EagerPartialConv2d.apply(*args)
+        output, updated_mask, _, _ = _EagerPartialConv.apply(*args)
     else:
         output, updated_mask, _, _ = PartialConv2dFunction.apply(*args)
     return output, updated_mask
+
+
+def _op(dims: int):
+    """partial_conv2d or partial_conv3d, for 2 or 3 spatial dimensions."""
+    return torch.ops.pconv_cuda.partial_conv3d.default if dims == 3 else torch.ops.pconv_cuda.partial_conv2d.default
 
 
 def _autograd_path(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
     """How partial_conv2d runs a call, by what would record it:
     "function": torch.compile, forward-mode AD or a torch.func transform: PartialConv2dFunction, whose
         setup_context torch.func needs (it handles or refuses each transform; Dynamo traces it);
-    "eager": reverse mode only: the same Function in the old style (_EagerPartialConv2d), about 18 us cheaper per
+    "eager": reverse mode only: the same Function in the old style (_EagerPartialConv), about 18 us cheaper per
         call (for a setup_context Function, torch's apply binds default arguments through inspect.signature);
     "op": nothing records the call (grad disabled or nothing requires grad): the op alone."""
     if torch.compiler.is_compiling():
@@ -152,25 +189,28 @@ def mask_update(
     dilation: IntOrPair = 1,
     multi_channel: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """The mask path alone: returns ``(ratio, updated_mask)``, each (N, 1, H', W').
+    """The mask path alone: returns ``(ratio, updated_mask)``, each (N, 1, H', W'); for a 5-D mask
+    (N, C, D, H, W) each is (N, 1, D', H', W') and the int-or-tuple arguments have three elements.
 
     ``ratio = win / S * clamp(S, 0, 1)`` (0 where ``S == 0``) in float32 (float64 for a float64 mask),
     ``updated_mask = clamp(S, 0, 1)`` in the mask's dtype (float32 for bool / uint8 masks).
     """
-    stride_ = _pair(stride, "stride")
-    dilation_ = _pair(dilation, "dilation")
-    kernel_ = _pair(kernel_size, "kernel_size")
+    dims = 3 if mask.dim() == 5 else 2  # the op names any other dim() in its error
+    stride_ = _ntuple(stride, dims, "stride")
+    dilation_ = _ntuple(dilation, dims, "dilation")
+    kernel_ = _ntuple(kernel_size, dims, "kernel_size")
     padding_ = resolve_padding(padding, kernel_, dilation_, stride_)
     return torch.ops.pconv_cuda.mask_update(mask, kernel_, stride_, padding_, dilation_, bool(multi_channel))
 
 
 class PartialConv2dFunction(torch.autograd.Function):
-    """``torch.autograd.Function`` over the same ops (and the same backward) as :func:`partial_conv2d`.
+    """``torch.autograd.Function`` over the same ops (and the same backward) as :func:`partial_conv2d` (and
+    :func:`partial_conv3d`: a 5-D input runs the 3-D op).
 
     ``PartialConv2dFunction.apply(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)``
     returns the op's four outputs ``(output, updated_mask, ratio, masked_input)``: ratio and masked_input (X*M, an
     empty tensor for ``mask=None``) are what the backward keeps; only ``output`` and ``masked_input`` carry
-    gradients. ``stride``, ``padding`` and ``dilation`` are (h, w) pairs. It has ``setup_context`` and a generated
+    gradients. ``stride``, ``padding`` and ``dilation`` are (h, w) pairs ((d, h, w) for a 5-D input). It has ``setup_context`` and a generated
     vmap rule, so torch.func transforms (grad, vjp, jacrev, vmap) apply; :func:`partial_conv2d` runs through it
     under torch.func and torch.compile (plain eager calls take a cheaper path to the same op and backward).
     """
@@ -179,14 +219,11 @@ class PartialConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
-        return _run_op(input, mask, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
-                       _pair(dilation, "dilation"), groups, bool(multi_channel))
+        return _run_op(*_normalised(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, mask, weight, bias, stride, padding, dilation, groups, multi_channel = inputs
-        _save(ctx, (input, mask, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
-                    _pair(dilation, "dilation"), groups, bool(multi_channel)), output)
+        _save(ctx, _normalised(*inputs), output)
 
     @staticmethod
     def backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
@@ -194,7 +231,13 @@ class PartialConv2dFunction(torch.autograd.Function):
         return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
 
 
-class _EagerPartialConv2d(torch.autograd.Function):
+def _normalised(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    n = input.dim() - 2
+    return (input, mask, weight, bias, _ntuple(stride, n, "stride"), _ntuple(padding, n, "padding"),
+            _ntuple(dilation, n, "dilation"), groups, bool(multi_channel))
+
+
+class _EagerPartialConv(torch.autograd.Function):
     """PartialConv2dFunction in the old style (forward takes ctx), for reverse-mode eager calls; see _autograd_path.
     Takes normalised arguments."""
 
@@ -209,7 +252,7 @@ class _EagerPartialConv2d(torch.autograd.Function):
 
 def _run_op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
     """The op, inside an autograd.Function's forward, which records the graph itself."""
-    op = torch.ops.pconv_cuda.partial_conv2d.default
+    op = _op(input.dim() - 2)
     if torch.compiler.is_compiling():
         return op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
     # Skip the op's own autograd kernel (what that kernel does itself once it has decided not to record).

@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from pconv_cuda.functional import partial_conv1d, partial_conv2d, resolve_padding
+from pconv_cuda.functional import partial_conv1d, partial_conv2d, partial_conv3d, resolve_padding
 
 
 def _check_padding_mode(padding_mode: str) -> None:
@@ -17,7 +17,7 @@ def _check_padding_mode(padding_mode: str) -> None:
 
 
 class _PartialConv:
-    """What PartialConv1d and PartialConv2d add to their nn.ConvNd: the returned mask and the method's keywords in
+    """What PartialConv1d, PartialConv2d and PartialConv3d add to their nn.ConvNd: the returned mask and the method's keywords in
     the repr (`multi_channel` and `return_mask` are set by each __init__)."""
 
     multi_channel: bool
@@ -112,5 +112,45 @@ class PartialConv1d(_PartialConv, nn.Conv1d):
 
     def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
         output, updated_mask = partial_conv1d(input, mask_in, self.weight, self.bias, self.stride, self.padding,
+                                              self.dilation, self.groups, self.multi_channel)
+        return self._returned(input, mask_in, output, updated_mask)
+
+
+class PartialConv3d(_PartialConv, nn.Conv3d):
+    """Drop-in replacement for NVIDIA's ``PartialConv3d`` (video and volumetric inpainting) on the fused 3-D op.
+
+    A subclass of ``nn.Conv3d`` (its state_dict, and NVIDIA's layer's, loads unchanged); ``multi_channel`` and
+    ``return_mask`` as in :class:`PartialConv2d`; ``forward(input, mask_in=None)`` takes (N, C_in, D, H, W) and a
+    mask (N or 1, 1, D, H, W), or (N or 1, C_in, D, H, W) with ``multi_channel=True``. The updated mask is
+    (N_mask, 1, D', H', W'), or an expanded (N, C_out, D', H', W') view with ``multi_channel=True``. The same
+    documented deviations from NVIDIA's layer as the 2-D one. See :func:`pconv_cuda.functional.partial_conv3d`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int, int, int]],
+        stride: Union[int, Tuple[int, int, int]] = 1,
+        padding: Union[str, int, Tuple[int, int, int]] = 0,
+        dilation: Union[int, Tuple[int, int, int]] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        multi_channel: bool = False,
+        return_mask: bool = False,
+    ) -> None:
+        _check_padding_mode(padding_mode)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.multi_channel = multi_channel
+        self.return_mask = return_mask
+        self._op_padding = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
+
+    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
+        output, updated_mask = partial_conv3d(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
                                               self.dilation, self.groups, self.multi_channel)
         return self._returned(input, mask_in, output, updated_mask)

@@ -14,7 +14,8 @@ from torch._prims_common import suggest_memory_format
 
 from pconv_cuda import _C  # noqa: F401  (loads the library that defines the schemas)
 
-OPS = ("partial_conv2d", "_partial_conv2d_backward", "mask_update")
+CONV_OPS = ("partial_conv2d", "partial_conv3d")  # 2 and 3 spatial dimensions; the same flow in csrc
+OPS = CONV_OPS + ("_partial_conv2d_backward", "_partial_conv3d_backward", "mask_update")
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -36,33 +37,36 @@ def _check_devices(op: str, input: Tensor, **others: Optional[Tensor]) -> None:
                          lambda: f"pconv_cuda::{op}: {name} is on {t.device} but input is on {input.device}")
 
 
-def _partial_conv2d_fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
-    _check_devices("partial_conv2d", input, mask=mask, weight=weight, bias=bias)
-    torch._check(input.dim() == 4, lambda: f"input must be 4-D, got {input.dim()}-D")
-    torch._check(weight.dim() == 4, lambda: f"weight must be 4-D, got {weight.dim()}-D")
-    n, _, h, w = input.shape
-    c_out, _, kh, kw = weight.shape
-    ho = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    wo = _out_size(w, kw, stride[1], padding[1], dilation[1])
-    nm = mask.shape[0] if mask is not None else 1
-    fmt = _layout(input)
-    output = _empty((n, c_out, ho, wo), input, input.dtype, fmt)
-    updated_mask = _empty((nm, 1, ho, wo), input, input.dtype)
-    ratio = _empty((nm, 1, ho, wo), input, _ratio_dtype(input.dtype))
-    masked_input = (_empty(input.shape, input, input.dtype, fmt) if mask is not None
-                    else _empty((0,), input, input.dtype))
-    return output, updated_mask, ratio, masked_input
+def _conv_fake(op: str):
+    dims = 3 if op == "partial_conv3d" else 2
+
+    def fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+        _check_devices(op, input, mask=mask, weight=weight, bias=bias)
+        torch._check(input.dim() == dims + 2, lambda: f"input must be {dims + 2}-D, got {input.dim()}-D")
+        torch._check(weight.dim() == dims + 2, lambda: f"weight must be {dims + 2}-D, got {weight.dim()}-D")
+        out_sizes = [_out_size(*a) for a in zip(input.shape[2:], weight.shape[2:], stride, padding, dilation)]
+        nm = mask.shape[0] if mask is not None else 1
+        fmt = _layout(input)
+        output = _empty((input.shape[0], weight.shape[0], *out_sizes), input, input.dtype, fmt)
+        updated_mask = _empty((nm, 1, *out_sizes), input, input.dtype)
+        ratio = _empty((nm, 1, *out_sizes), input, _ratio_dtype(input.dtype))
+        masked_input = (_empty(input.shape, input, input.dtype, fmt) if mask is not None
+                        else _empty((0,), input, input.dtype))
+        return output, updated_mask, ratio, masked_input
+
+    return fake
 
 
 def _layout(t: Tensor) -> torch.memory_format:
-    """The kernels' layout for a tensor: channels_last kept, anything else NCHW-contiguous (op_flow.h, layout_of)."""
+    """The kernels' layout for a tensor: channels_last (channels_last_3d) kept, anything else contiguous
+    (op_flow.h, layout_of)."""
     fmt = suggest_memory_format(t)
-    return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
+    return fmt if fmt in (torch.channels_last, torch.channels_last_3d) else torch.contiguous_format
 
 
-def _partial_conv2d_backward_fake(grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
-                                  dilation, groups, multi_channel, output_mask):
-    _check_devices("_partial_conv2d_backward", masked_input, grad_output=grad_output, mask=mask, weight=weight,
+def _partial_conv_backward_fake(grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
+                                dilation, groups, multi_channel, output_mask):
+    _check_devices("_partial_conv_backward", masked_input, grad_output=grad_output, mask=mask, weight=weight,
                    ratio=ratio, updated_mask=updated_mask)
     input = masked_input
     grad_input = _empty(input.shape, input, input.dtype, _layout(input)) if output_mask[0] else None
@@ -72,11 +76,10 @@ def _partial_conv2d_backward_fake(grad_output, masked_input, mask, weight, ratio
 
 
 def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channel):
-    n, _, h, w = mask.shape
-    ho = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
-    wo = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    out_sizes = [_out_size(*a) for a in zip(mask.shape[2:], kernel_size, stride, padding, dilation)]
     dtype = mask.dtype if mask.dtype.is_floating_point else torch.float32
-    return _empty((n, 1, ho, wo), mask, _ratio_dtype(dtype)), _empty((n, 1, ho, wo), mask, dtype)
+    shape = (mask.shape[0], 1, *out_sizes)
+    return _empty(shape, mask, _ratio_dtype(dtype)), _empty(shape, mask, dtype)
 
 
 # --- autograd: one backward shared by the ops' registrations and the public autograd.Function --------------------
@@ -118,7 +121,8 @@ def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = 
         grad_input, grad_weight, grad_bias = _differentiable_grads(
             grad_output, conv_input, mask, weight, ratio, updated_mask, ctx.conv_args, output_mask)
     else:
-        backward = getattr(torch.ops, ctx.ns)._partial_conv2d_backward.default
+        dims = conv_input.dim() - 2
+        backward = getattr(getattr(torch.ops, ctx.ns), f"_partial_conv{dims}d_backward").default
         grad_input, grad_weight, grad_bias = backward(grad_output, conv_input, mask, weight, ratio, updated_mask,
                                                       *ctx.conv_args, output_mask)
     if grad_masked_input is not None and mask is not None and output_mask[0]:
@@ -137,12 +141,14 @@ def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_
     stride, padding, dilation, groups, _ = conv_args
     acc = ratio.dtype  # float32 (float64 for float64): as the kernels accumulate
     g = (grad_output.to(acc) * ratio).to(grad_output.dtype)
-    grad_bias = (grad_output.to(acc) * updated_mask.to(acc)).sum((0, 2, 3)).to(grad_output.dtype) \
+    spatial = tuple(range(2, grad_output.dim()))
+    grad_bias = (grad_output.to(acc) * updated_mask.to(acc)).sum((0, *spatial)).to(grad_output.dtype) \
         if output_mask[2] else None
     grad_input = grad_weight = None
     if output_mask[0] or output_mask[1]:
         grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-            g, conv_input, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            g, conv_input, weight, None, list(stride), list(padding), list(dilation), False, [0] * len(spatial),
+            groups,
             [output_mask[0], output_mask[1], False])
         if grad_input is not None and mask is not None:
             grad_input = _hole_select(grad_input, mask)
@@ -156,8 +162,9 @@ def _backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
 
 def register_library(ns: str) -> None:
     """Fake kernels and autograd for the ops of library `ns` (which defines them with csrc's schemas)."""
-    torch.library.register_fake(f"{ns}::partial_conv2d")(_partial_conv2d_fake)
-    torch.library.register_fake(f"{ns}::_partial_conv2d_backward")(_partial_conv2d_backward_fake)
+    for op in CONV_OPS:
+        torch.library.register_fake(f"{ns}::{op}")(_conv_fake(op))
+        torch.library.register_fake(f"{ns}::_{op}_backward")(_partial_conv_backward_fake)
     torch.library.register_fake(f"{ns}::mask_update")(_mask_update_fake)
 
     def setup_context(ctx, inputs, output) -> None:
@@ -168,8 +175,9 @@ def register_library(ns: str) -> None:
         ctx.mark_non_differentiable(updated_mask, ratio)
         ctx.set_materialize_grads(False)
 
-    torch.library.register_autograd(f"{ns}::partial_conv2d", _backward, setup_context=setup_context)
-    register_autocast(ns)
+    for op in CONV_OPS:
+        torch.library.register_autograd(f"{ns}::{op}", _backward, setup_context=setup_context)
+        register_autocast(ns, op)
 
 
 _LIBS: List[torch.library.Library] = []
@@ -177,11 +185,11 @@ _LIBS: List[torch.library.Library] = []
 
 # --- autocast: the op runs in the dtype the user's autocast region asks for -------------------------------------
 
-def _register_autocast(ns: str, device_type: str) -> None:
+def _register_autocast(ns: str, op_name: str, device_type: str) -> None:
     """Like torch.library.register_autocast, but the dtype is read when the op runs (torch.get_autocast_dtype),
     so `torch.autocast(device, dtype=torch.bfloat16)` gives bf16 and float16 gives fp16, as for nn.Conv2d. The
     mask is cast with the input (bool and uint8 masks are kept); the ratio is float32 whatever the dtype."""
-    op = getattr(getattr(torch.ops, ns), "partial_conv2d").default
+    op = getattr(getattr(torch.ops, ns), op_name).default
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
     def cast(t):  # as autocast does for convolutions: float64 is left alone
@@ -196,14 +204,14 @@ def _register_autocast(ns: str, device_type: str) -> None:
             return op(*[cast(a) for a in args])
 
     lib = torch.library.Library(ns, "IMPL")
-    lib.impl("partial_conv2d", lambda keyset, *args: autocast_kernel(*args), key.name, with_keyset=True)
+    lib.impl(op_name, lambda keyset, *args: autocast_kernel(*args), key.name, with_keyset=True)
     _LIBS.append(lib)
 
 
-def register_autocast(ns: str) -> None:
+def register_autocast(ns: str, op_name: str) -> None:
     for device_type in ("cpu", "cuda"):
         if torch._C._is_autocast_available(device_type):
-            _register_autocast(ns, device_type)
+            _register_autocast(ns, op_name, device_type)
 
 
 register_library("pconv_cuda")

@@ -1,7 +1,8 @@
 """The unfused partial convolution, in plain PyTorch: the correctness oracle and the benchmark baseline.
 
-It runs the algorithm of NVIDIA's ``PartialConv2d`` (models/partialconv2d.py of NVIDIA/partialconv) step by
-step: a second convolution with a ones kernel of shape (C_out, C_in, kh, kw) to count mask pixels, ``+ 1e-8``,
+It runs the algorithm of NVIDIA's ``PartialConv2d`` and ``PartialConv3d`` (models/partialconv2d.py and
+partialconv3d.py of NVIDIA/partialconv) step by step: a second convolution with a ones kernel of shape
+(C_out, C_in, kh, kw) (or (..., kd, kh, kw)) to count mask pixels, ``+ 1e-8``,
 divide, clamp, multiply, the real convolution on ``input * mask``, remove and re-add the bias. It is
 deliberately not optimised.
 
@@ -42,7 +43,28 @@ def partial_conv2d(
     ``mask=None`` means an all-ones mask. The updated mask has NVIDIA's shape: (N_mask, 1, H', W') single-channel,
     (N_mask, C_out, H', W') multi-channel.
     """
-    c_out, _, kh, kw = weight.shape
+    return _partial_conv(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+
+
+def partial_conv3d(
+    input: Tensor,
+    mask: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Union[int, Tuple[int, int, int]] = 1,
+    padding: Union[int, Tuple[int, int, int]] = 0,
+    dilation: Union[int, Tuple[int, int, int]] = 1,
+    groups: int = 1,
+    multi_channel: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Unfused 3-D partial convolution, NVIDIA's ``PartialConv3d`` algorithm: :func:`partial_conv2d` with
+    ``F.conv3d``, a (kd, kh, kw) ones kernel and ``win = kd*kh*kw`` (``C_in*kd*kh*kw`` multi-channel)."""
+    return _partial_conv(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+
+
+def _partial_conv(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    conv = F.conv3d if weight.dim() == 5 else F.conv2d
+    c_out, kernel = weight.shape[0], tuple(weight.shape[2:])
     c_in = input.shape[1]
     if mask is None:
         if multi_channel:
@@ -50,20 +72,23 @@ def partial_conv2d(
         else:
             mask = torch.ones(1, 1, *input.shape[2:], dtype=input.dtype, device=input.device)
     mask = mask.to(input.dtype)
+    taps = 1
+    for k in kernel:
+        taps *= k
     with torch.no_grad():
         if multi_channel:
-            ones = torch.ones(c_out, c_in, kh, kw, dtype=input.dtype, device=input.device)
-            win = c_in * kh * kw
+            ones = torch.ones(c_out, c_in, *kernel, dtype=input.dtype, device=input.device)
+            win = c_in * taps
         else:
-            ones = torch.ones(1, 1, kh, kw, dtype=input.dtype, device=input.device)
-            win = kh * kw
-        s = F.conv2d(mask, ones, None, stride, padding, dilation, 1)
+            ones = torch.ones(1, 1, *kernel, dtype=input.dtype, device=input.device)
+            win = taps
+        s = conv(mask, ones, None, stride, padding, dilation, 1)
         ratio = win / (s + EPS)
         updated_mask = torch.clamp(s, 0, 1)
         ratio = ratio * updated_mask
-    raw = F.conv2d(input * mask, weight, bias, stride, padding, dilation, groups)
+    raw = conv(input * mask, weight, bias, stride, padding, dilation, groups)
     if bias is not None:
-        b = bias.view(1, c_out, 1, 1)
+        b = bias.view(1, c_out, *(1,) * len(kernel))
         output = (raw - b) * ratio + b * updated_mask
     else:
         output = raw * ratio
@@ -85,6 +110,27 @@ class PartialConv2d(nn.Conv2d):
 
     def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
         output, updated_mask = partial_conv2d(
+            input, mask_in, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            self.multi_channel,
+        )
+        if self.return_mask:
+            return output, updated_mask
+        return output
+
+
+class PartialConv3d(nn.Conv3d):
+    """NVIDIA's PartialConv3d interface on the unfused algorithm above (the 3-D benchmark's baseline); no state
+    between calls, as :class:`PartialConv2d` here."""
+
+    def __init__(self, *args, multi_channel: bool = False, return_mask: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros' for a partial convolution, got {self.padding_mode!r}")
+        self.multi_channel = multi_channel
+        self.return_mask = return_mask
+
+    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
+        output, updated_mask = partial_conv3d(
             input, mask_in, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
             self.multi_channel,
         )

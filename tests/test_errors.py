@@ -232,7 +232,8 @@ MASK_UPDATE = "pconv_cuda::mask_update: "
     (dict(mask=torch.ones(2, 1, 8, 8, dtype=torch.int32)), "mask must be a floating, bool or uint8 tensor, got Int"),
     (dict(mask=torch.ones(2, 1, 8, 8, dtype=torch.complex64)),
      "mask must be a floating, bool or uint8 tensor, got ComplexFloat"),
-    (dict(mask=torch.ones(1, 8, 8)), "mask must be a 4-D tensor (N, C, H, W), got shape [1, 8, 8]"),
+    (dict(mask=torch.ones(1, 8, 8)),
+     "mask must be a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) tensor, got shape [1, 8, 8]"),
     (dict(mask=torch.ones(1, 1, 2, 8), padding=[0, 1]),
      "the input's spatial size (2, 8) is too small for kernel (3, 3) with padding (0, 1) and dilation (1, 1): the "
      "output would be (0, 8)"),

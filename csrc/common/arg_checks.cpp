@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <ostream>
+
 
 namespace pconv {
 namespace {
@@ -10,67 +12,115 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min_value) {
-  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 elements (height, width), got ", v.size());
-  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, op, ": ", name, " must be >= ", min_value, ", got ", v);
+// Sizes as the messages print them: (2, 6, 9, 8).
+struct Parenthesised {
+  at::IntArrayRef v;
+};
+std::ostream& operator<<(std::ostream& os, const Parenthesised& p) {
+  os << '(';
+  for (size_t i = 0; i < p.v.size(); ++i) os << (i ? ", " : "") << p.v[i];
+  return os << ')';
 }
 
-Window make_window(int64_t kh, int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding,
-                   at::IntArrayRef dilation) {
-  return Window{kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+const char* spatial_names(int64_t dims) { return dims == 3 ? "(depth, height, width)" : "(height, width)"; }
+const char* spatial_letters(int64_t dims) { return dims == 3 ? "D, H, W" : "H, W"; }
+const char* kernel_letters(int64_t dims) { return dims == 3 ? "kd, kh, kw" : "kh, kw"; }
+
+void check_spatial(const char* op, const char* name, at::IntArrayRef v, int64_t dims, int64_t min_value) {
+  TORCH_CHECK(static_cast<int64_t>(v.size()) == dims, op, ": ", name, " must have ", dims, " elements ",
+              spatial_names(dims), ", got ", v.size());
+  for (const int64_t x : v) TORCH_CHECK(x >= min_value, op, ": ", name, " must be >= ", min_value, ", got ", v);
 }
 
-void fill_output_size(const char* op, Geometry& g) {
+// Spatial sizes and window from (D,) H, W sizes, kernel sizes, stride, padding, dilation of `dims` elements each.
+void fill_spatial(Geometry& g, int64_t dims, at::IntArrayRef sizes, at::IntArrayRef kernel, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t o = dims - 2;  // index of height
+  g.spatial_dims = dims;
+  g.H = sizes[o];
+  g.W = sizes[o + 1];
+  g.win = Window{kernel[o], kernel[o + 1], stride[o], stride[o + 1], padding[o], padding[o + 1], dilation[o],
+                 dilation[o + 1]};
+  if (dims == 3) {
+    g.D = sizes[0];
+    g.win.kd = kernel[0];
+    g.win.sd = stride[0];
+    g.win.pd = padding[0];
+    g.win.dd = dilation[0];
+  }
+}
+
+void fill_output_size(const char* op, Geometry& g, at::IntArrayRef sizes, at::IntArrayRef kernel,
+                      at::IntArrayRef padding, at::IntArrayRef dilation) {
+  g.Do = conv_out_size(g.D, g.win.kd, g.win.sd, g.win.pd, g.win.dd);
   g.Ho = conv_out_size(g.H, g.win.kh, g.win.sh, g.win.ph, g.win.dh);
   g.Wo = conv_out_size(g.W, g.win.kw, g.win.sw, g.win.pw, g.win.dw);
-  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, op, ": the input's spatial size (", g.H, ", ", g.W,
-              ") is too small for kernel (", g.win.kh, ", ", g.win.kw, ") with padding (", g.win.ph, ", ", g.win.pw,
-              ") and dilation (", g.win.dh, ", ", g.win.dw, "): the output would be (", g.Ho, ", ", g.Wo, ")");
+  const std::vector<int64_t> out = output_spatial_sizes(g);
+  TORCH_CHECK(g.Do > 0 && g.Ho > 0 && g.Wo > 0, op, ": the input's spatial size ", Parenthesised{sizes},
+              " is too small for kernel ", Parenthesised{kernel}, " with padding ", Parenthesised{padding},
+              " and dilation ", Parenthesised{dilation}, ": the output would be ", Parenthesised{out});
 }
 
 }  // namespace
+
+std::vector<int64_t> input_spatial_sizes(const Geometry& g) {
+  return g.spatial_dims == 3 ? std::vector<int64_t>{g.D, g.H, g.W} : std::vector<int64_t>{g.H, g.W};
+}
+
+std::vector<int64_t> output_spatial_sizes(const Geometry& g) {
+  return g.spatial_dims == 3 ? std::vector<int64_t>{g.Do, g.Ho, g.Wo} : std::vector<int64_t>{g.Ho, g.Wo};
+}
+
+std::vector<int64_t> output_map_sizes(const Geometry& g, int64_t batch, int64_t channels) {
+  std::vector<int64_t> sizes{batch, channels};
+  for (const int64_t s : output_spatial_sizes(g)) sizes.push_back(s);
+  return sizes;
+}
 
 at::ScalarType ratio_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-Geometry check_conv_args(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& mask,
-                         const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel) {
-  TORCH_CHECK(input.dim() == 4, op, ": input must be a 4-D tensor (N, C_in, H, W), got shape ", input.sizes());
+Geometry check_conv_args(const char* op, int64_t dims, const at::Tensor& input,
+                         const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, bool multi_channel) {
+  TORCH_CHECK(input.dim() == dims + 2, op, ": input must be a ", dims + 2, "-D tensor (N, C_in, ",
+              spatial_letters(dims), "), got shape ", input.sizes());
   TORCH_CHECK(is_supported_float(input.scalar_type()), op,
               ": input must be float32, float64, float16 or bfloat16, got ", input.scalar_type());
-  TORCH_CHECK(weight.dim() == 4, op, ": weight must be a 4-D tensor (C_out, C_in / groups, kh, kw), got shape ",
-              weight.sizes());
+  TORCH_CHECK(weight.dim() == dims + 2, op, ": weight must be a ", dims + 2, "-D tensor (C_out, C_in / groups, ",
+              kernel_letters(dims), "), got shape ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
               " does not match input dtype ", input.scalar_type());
   TORCH_CHECK(weight.device() == input.device(), op, ": weight is on ", weight.device(), " but input is on ",
               input.device());
-  check_pair(op, "stride", stride, 1);
-  check_pair(op, "padding", padding, 0);
-  check_pair(op, "dilation", dilation, 1);
+  check_spatial(op, "stride", stride, dims, 1);
+  check_spatial(op, "padding", padding, dims, 0);
+  check_spatial(op, "dilation", dilation, dims, 1);
+  const at::IntArrayRef sizes = input.sizes().slice(2), kernel = weight.sizes().slice(2);
 
   Geometry g{};
   g.N = input.size(0);
   g.C_in = input.size(1);
-  g.H = input.size(2);
-  g.W = input.size(3);
   g.C_out = weight.size(0);
   g.groups = groups;
   g.multi_channel = multi_channel;
-  g.win = make_window(weight.size(2), weight.size(3), stride, padding, dilation);
+  fill_spatial(g, dims, sizes, kernel, stride, padding, dilation);
 
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
-  // ATen's convolution returns (N, 0, H', W') for zero input channels, not (N, C_out, H', W'), and fails on an empty
+  // ATen's convolution returns (N, 0, ...) for zero input channels, not (N, C_out, ...), and fails on an empty
   // image with a backend's message: both are refused here, with the shape.
   TORCH_CHECK(g.C_in >= 1, op, ": input must have at least one channel (C_in >= 1), got shape ", input.sizes());
-  TORCH_CHECK(g.H >= 1 && g.W >= 1, op, ": input must have at least one pixel (H, W >= 1), got shape ",
-              input.sizes());
+  TORCH_CHECK(g.pixels() >= 1, op, ": input must have at least one pixel (", spatial_letters(dims),
+              " >= 1), got shape ", input.sizes());
   TORCH_CHECK(g.C_in % groups == 0, op, ": groups=", groups, " must divide the input channels C_in=", g.C_in);
   TORCH_CHECK(g.C_out % groups == 0, op, ": groups=", groups, " must divide the output channels C_out=", g.C_out);
   TORCH_CHECK(weight.size(1) * groups == g.C_in, op, ": weight of shape ", weight.sizes(), " expects ",
               weight.size(1) * groups, " input channels (weight.size(1) * groups), but input has C_in=", g.C_in);
-  TORCH_CHECK(g.win.kh > 0 && g.win.kw > 0, op, ": kernel size must be positive, got weight shape ", weight.sizes());
+  for (const int64_t k : kernel) {
+    TORCH_CHECK(k > 0, op, ": kernel size must be positive, got weight shape ", weight.sizes());
+  }
 
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.C_out, op, ": bias must have shape (", g.C_out,
@@ -83,8 +133,8 @@ Geometry check_conv_args(const char* op, const at::Tensor& input, const c10::opt
 
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
-    TORCH_CHECK(m.dim() == 4, op, ": mask must be a 4-D tensor (N or 1, ", multi_channel ? "C_in" : "1",
-                ", H, W), got shape ", m.sizes());
+    TORCH_CHECK(m.dim() == dims + 2, op, ": mask must be a ", dims + 2, "-D tensor (N or 1, ",
+                multi_channel ? "C_in" : "1", ", ", spatial_letters(dims), "), got shape ", m.sizes());
     TORCH_CHECK(m.device() == input.device(), op, ": mask is on ", m.device(), " but input is on ", input.device());
     TORCH_CHECK(m.scalar_type() == input.scalar_type() || m.scalar_type() == at::kBool ||
                     m.scalar_type() == at::kByte,
@@ -98,24 +148,24 @@ Geometry check_conv_args(const char* op, const at::Tensor& input, const c10::opt
                               : "multi_channel=False expects a single-channel mask (",
                 want_c, multi_channel ? ")" : " channel)", ", got ", m.size(1), " channels",
                 multi_channel ? "" : "; pass multi_channel=True for a per-channel mask");
-    TORCH_CHECK(m.size(2) == g.H && m.size(3) == g.W, op, ": mask spatial size (", m.size(2), ", ", m.size(3),
-                ") must equal the input's (", g.H, ", ", g.W, ")");
+    TORCH_CHECK(m.sizes().slice(2) == sizes, op, ": mask spatial size ", Parenthesised{m.sizes().slice(2)},
+                " must equal the input's ", Parenthesised{sizes});
     g.mask_batch = m.size(0);
     g.mask_channels = m.size(1);
   } else {
     g.mask_batch = 1;
     g.mask_channels = 0;
   }
-  fill_output_size(op, g);
+  fill_output_size(op, g, sizes, kernel, padding, dilation);
   return g;
 }
 
 namespace {
 void check_map(const char* op, const char* name, const at::Tensor& t, const Geometry& g, at::ScalarType dtype,
                const at::Tensor& input) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.mask_batch && t.size(1) == 1 && t.size(2) == g.Ho &&
-                  t.size(3) == g.Wo,
-              op, ": ", name, " must have shape (", g.mask_batch, ", 1, ", g.Ho, ", ", g.Wo, "), got ", t.sizes());
+  const std::vector<int64_t> want = output_map_sizes(g, g.mask_batch, 1);
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(want), op, ": ", name, " must have shape ", Parenthesised{want},
+              ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
               input.device());
@@ -124,10 +174,9 @@ void check_map(const char* op, const char* name, const at::Tensor& t, const Geom
 
 void check_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& ratio,
                          const at::Tensor& updated_mask, const at::Tensor& input, const Geometry& g) {
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C_out &&
-                  grad_output.size(2) == g.Ho && grad_output.size(3) == g.Wo,
-              op, ": grad_output must have shape (", g.N, ", ", g.C_out, ", ", g.Ho, ", ", g.Wo, "), got ",
-              grad_output.sizes());
+  const std::vector<int64_t> want = output_map_sizes(g, g.N, g.C_out);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(want), op, ": grad_output must have shape ",
+              Parenthesised{want}, ", got ", grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output dtype ",
               grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
   TORCH_CHECK(grad_output.device() == input.device(), op, ": grad_output is on ", grad_output.device(),
@@ -139,29 +188,30 @@ void check_backward_args(const char* op, const at::Tensor& grad_output, const at
 Geometry check_mask_update_args(const at::Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
   const char* op = "pconv_cuda::mask_update";
-  TORCH_CHECK(mask.dim() == 4, op, ": mask must be a 4-D tensor (N, C, H, W), got shape ", mask.sizes());
+  TORCH_CHECK(mask.dim() == 4 || mask.dim() == 5, op,
+              ": mask must be a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) tensor, got shape ", mask.sizes());
+  const int64_t dims = mask.dim() - 2;
   TORCH_CHECK(is_supported_float(mask.scalar_type()) || mask.scalar_type() == at::kBool ||
                   mask.scalar_type() == at::kByte,
               op, ": mask must be a floating, bool or uint8 tensor, got ", mask.scalar_type());
   TORCH_CHECK(multi_channel || mask.size(1) == 1, op,
               ": multi_channel=False expects a single-channel mask, got ", mask.size(1),
               " channels; pass multi_channel=True for a per-channel mask");
-  check_pair(op, "kernel_size", kernel_size, 1);
-  check_pair(op, "stride", stride, 1);
-  check_pair(op, "padding", padding, 0);
-  check_pair(op, "dilation", dilation, 1);
+  check_spatial(op, "kernel_size", kernel_size, dims, 1);
+  check_spatial(op, "stride", stride, dims, 1);
+  check_spatial(op, "padding", padding, dims, 0);
+  check_spatial(op, "dilation", dilation, dims, 1);
+  const at::IntArrayRef sizes = mask.sizes().slice(2);
   Geometry g{};
   g.N = mask.size(0);
   g.C_in = mask.size(1);
-  g.H = mask.size(2);
-  g.W = mask.size(3);
   g.C_out = 1;
   g.groups = 1;
   g.multi_channel = multi_channel;
   g.mask_batch = g.N;
   g.mask_channels = g.C_in;
-  g.win = make_window(kernel_size[0], kernel_size[1], stride, padding, dilation);
-  fill_output_size(op, g);
+  fill_spatial(g, dims, sizes, kernel_size, stride, padding, dilation);
+  fill_output_size(op, g, sizes, kernel_size, padding, dilation);
   return g;
 }
 

@@ -14,15 +14,18 @@ namespace pconv {
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Convolution window of one spatial dimension pair: kernel, stride, padding, dilation.
+// Convolution window: kernel, stride, padding, dilation per spatial dimension. A 2-D call (and a 1-D call, which
+// is a 2-D call of height 1) has depth 1: kernel 1, stride 1, no padding, so every depth loop runs once.
 struct Window {
   int64_t kh, kw;
   int64_t sh, sw;
   int64_t ph, pw;
   int64_t dh, dw;
+  int64_t kd = 1, sd = 1, pd = 0, dd = 1;  // depth
 };
 
-// Everything an op needs to know about one call, derived once from checked arguments.
+// Everything an op needs to know about one call, derived once from checked arguments. Spatial sizes are
+// (D, H, W), D = 1 for 2-D; every per-pixel pass sees an image as D*H*W pixels and only window sums see the depth.
 struct Geometry {
   int64_t N, C_in, H, W;  // input
   int64_t C_out;          // weight.size(0)
@@ -32,9 +35,13 @@ struct Geometry {
   int64_t groups;
   bool multi_channel;
   Window win;
-  // sum(1) over a window: kh*kw, times C_in for a multi-channel mask.
+  int64_t D = 1, Do = 1;  // input and output depth
+  int64_t spatial_dims = 2;  // 2 or 3: the tensors' dim() - 2
+  C10_HOST_DEVICE int64_t pixels() const { return D * H * W; }
+  C10_HOST_DEVICE int64_t out_pixels() const { return Do * Ho * Wo; }
+  // sum(1) over a window: kd*kh*kw, times C_in for a multi-channel mask.
   C10_HOST_DEVICE double window_size() const {
-    return static_cast<double>(win.kh * win.kw * (multi_channel ? C_in : 1));
+    return static_cast<double>(win.kd * win.kh * win.kw * (multi_channel ? C_in : 1));
   }
 };
 
@@ -84,27 +91,33 @@ C10_HOST_DEVICE inline void ratio_and_update(acc_t s, acc_t win, acc_t* ratio, a
   }
 }
 
-// Sum of one zero-padded (H, W) plane over the window of output pixel (oh, ow).
+// Sum of one zero-padded (D, H, W) plane over the window of output pixel (od, oh, ow), taps in (depth, row,
+// column) order: the order every backend adds them in, so their sums agree bitwise.
 template <typename acc_t, typename plane_t>
-C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t H, int64_t W, const Window& w, int64_t oh,
-                                        int64_t ow) {
+C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t D, int64_t H, int64_t W, const Window& w,
+                                        int64_t od, int64_t oh, int64_t ow) {
   acc_t s = acc_t(0);
+  const int64_t d0 = od * w.sd - w.pd;
   const int64_t h0 = oh * w.sh - w.ph;
   const int64_t w0 = ow * w.sw - w.pw;
-  for (int64_t i = 0; i < w.kh; ++i) {
-    const int64_t h = h0 + i * w.dh;
-    if (h < 0 || h >= H) continue;
-    for (int64_t j = 0; j < w.kw; ++j) {
-      const int64_t x = w0 + j * w.dw;
-      if (x < 0 || x >= W) continue;
-      s += static_cast<acc_t>(plane[h * W + x]);
+  for (int64_t k = 0; k < w.kd; ++k) {
+    const int64_t d = d0 + k * w.dd;
+    if (d < 0 || d >= D) continue;
+    for (int64_t i = 0; i < w.kh; ++i) {
+      const int64_t h = h0 + i * w.dh;
+      if (h < 0 || h >= H) continue;
+      for (int64_t j = 0; j < w.kw; ++j) {
+        const int64_t x = w0 + j * w.dw;
+        if (x < 0 || x >= W) continue;
+        s += static_cast<acc_t>(plane[(d * H + h) * W + x]);
+      }
     }
   }
   return s;
 }
 
 // Taps of a window that fall inside [0, size) along one dimension: the window sum of an all-ones mask is the
-// product of the two dimensions' counts (times C_in for a multi-channel mask), so mask=None needs no mask pass.
+// product of the dimensions' counts (times C_in for a multi-channel mask), so mask=None needs no mask pass.
 C10_HOST_DEVICE inline int64_t taps_in_bounds(int64_t o, int64_t k, int64_t s, int64_t p, int64_t d, int64_t size) {
   const int64_t start = o * s - p;
   int64_t n = 0;
@@ -115,9 +128,10 @@ C10_HOST_DEVICE inline int64_t taps_in_bounds(int64_t o, int64_t k, int64_t s, i
   return n;
 }
 
-// S of an all-ones mask (mask=None) at output pixel (oh, ow).
-C10_HOST_DEVICE inline int64_t all_ones_window_sum(const Geometry& g, int64_t oh, int64_t ow) {
-  return taps_in_bounds(oh, g.win.kh, g.win.sh, g.win.ph, g.win.dh, g.H) *
+// S of an all-ones mask (mask=None) at output pixel (od, oh, ow).
+C10_HOST_DEVICE inline int64_t all_ones_window_sum(const Geometry& g, int64_t od, int64_t oh, int64_t ow) {
+  return taps_in_bounds(od, g.win.kd, g.win.sd, g.win.pd, g.win.dd, g.D) *
+         taps_in_bounds(oh, g.win.kh, g.win.sh, g.win.ph, g.win.dh, g.H) *
          taps_in_bounds(ow, g.win.kw, g.win.sw, g.win.pw, g.win.dw, g.W) * (g.multi_channel ? g.C_in : 1);
 }
 

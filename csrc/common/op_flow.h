@@ -18,11 +18,16 @@
 //   double time_ms(fn)                                    runs fn and times it
 //
 // Tensors given to the primitives are contiguous in the call's layout: NCHW, or NHWC (channels_last), which the
-// input's layout selects and the output keeps.
+// input's layout selects and the output keeps. A 3-D call's (N, C, D, H, W) tensors are NCHW with D*H pixel rows
+// (channels_last_3d: NHWC): only ratio_update reads the depth, from the Geometry; gemm_supported is false for it.
+//
+// impl_ops<Backend>(m) registers every op for a backend; Backend::run(device_tensor, fn) builds its primitives for
+// that tensor's device and returns fn(prim).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
 
 #include <sstream>
 #include <string>
@@ -39,10 +44,21 @@ using at::Tensor;
 
 inline bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-// NHWC when the tensor is channels_last, NCHW otherwise (arbitrary strides are copied to NCHW).
+// NHWC when the tensor is channels_last (channels_last_3d for 5-D), NCHW otherwise (other strides are copied).
 inline at::MemoryFormat layout_of(const Tensor& t) {
-  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                                      : at::MemoryFormat::Contiguous;
+  const at::MemoryFormat f = t.suggest_memory_format();
+  if (t.dim() == 4 && f == at::MemoryFormat::ChannelsLast) return f;
+  if (t.dim() == 5 && f == at::MemoryFormat::ChannelsLast3d) return f;
+  return at::MemoryFormat::Contiguous;
+}
+
+inline bool is_nhwc(const Tensor& t) { return layout_of(t) != at::MemoryFormat::Contiguous; }
+
+// Pixels per (image, channel) plane of an (N, C, spatial...) tensor.
+inline int64_t plane_pixels(const Tensor& t) {
+  int64_t p = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) p *= t.size(d);
+  return p;
 }
 
 // Runs fn.template operator()<x_t, mask_t>() for the reachable pairs: the mask in the input's dtype, bool or uint8.
@@ -75,11 +91,10 @@ inline at::ScalarType mask_only_dtype(at::ScalarType mask) { return at::isFloati
 // Everything the route's speed can depend on.
 inline std::string tuning_key(const Geometry& g, const Tensor& conv_in, const Tensor& weight) {
   std::ostringstream k;
-  k << conv_in.device() << ' ' << conv_in.scalar_type() << (layout_of(conv_in) == at::MemoryFormat::ChannelsLast
-                                                                 ? " nhwc" : " nchw")
-    << " N" << g.N << " C" << g.C_in << " H" << g.H << " W" << g.W << " O" << g.C_out << " k" << g.win.kh << 'x'
+  k << conv_in.device() << ' ' << conv_in.scalar_type() << (is_nhwc(conv_in) ? " nhwc" : " nchw")
+    << " N" << g.N << " C" << g.C_in << " D" << g.D << " H" << g.H << " W" << g.W << " O" << g.C_out << " k" << g.win.kh << 'x'
     << g.win.kw << " s" << g.win.sh << 'x' << g.win.sw << " p" << g.win.ph << 'x' << g.win.pw << " d" << g.win.dh
-    << 'x' << g.win.dw << " g" << g.groups << " mb" << g.mask_batch << (weight.is_contiguous() ? "" : " w-strided")
+    << 'x' << g.win.dw << " kd" << g.win.kd << " sd" << g.win.sd << " pd" << g.win.pd << " dd" << g.win.dd << " g" << g.groups << " mb" << g.mask_batch << (weight.is_contiguous() ? "" : " w-strided")
     << " tf32=" << at::globalContext().allowTF32CuDNN() << " det=" << at::globalContext().deterministicAlgorithms()
     << at::globalContext().deterministicCuDNN();
   return k.str();
@@ -99,23 +114,27 @@ Route choose_route(Prim& prim, const Geometry& g, const Tensor& conv_in, const T
   });
 }
 
+// The convolution of `dims` (2 or 3) spatial dimensions: partial_conv2d and partial_conv3d.
 template <class Prim>
-std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d(Prim& prim, const Tensor& input,
-                                                          const c10::optional<Tensor>& mask, const Tensor& weight,
-                                                          const c10::optional<Tensor>& bias, at::IntArrayRef stride,
-                                                          at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                          int64_t groups, bool multi_channel) {
-  const char* op = "pconv_cuda::partial_conv2d";
+std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims, const Tensor& input,
+                                                        const c10::optional<Tensor>& mask, const Tensor& weight,
+                                                        const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                        int64_t groups, bool multi_channel) {
+  const char* op = dims == 3 ? "pconv_cuda::partial_conv3d" : "pconv_cuda::partial_conv2d";
   const Geometry g =
-      check_conv_args(op, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+      check_conv_args(op, dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
   const at::MemoryFormat fmt = layout_of(input);
   const Tensor x = input.contiguous(fmt);
-  Tensor ratio = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options().dtype(ratio_dtype(input.scalar_type())));
-  Tensor updated_mask = at::empty({g.mask_batch, 1, g.Ho, g.Wo}, input.options());
+  const std::vector<int64_t> map_sizes = output_map_sizes(g, g.mask_batch, 1);
+  Tensor ratio = at::empty(map_sizes, input.options().dtype(ratio_dtype(input.scalar_type())));
+  Tensor updated_mask = at::empty(map_sizes, input.options());
   Tensor xm, plane;
   if (has(mask)) {
     xm = at::empty(x.sizes(), x.options(), fmt);
-    plane = at::empty({g.mask_batch, 1, g.H, g.W}, ratio.options());
+    std::vector<int64_t> plane_sizes{g.mask_batch, 1};
+    for (const int64_t s : input_spatial_sizes(g)) plane_sizes.push_back(s);
+    plane = at::empty(plane_sizes, ratio.options());
     // An empty batch still has a mask (batch 1) whose maps are returned: then only the plane is formed.
     const Tensor& swept = g.N > 0 ? x : Tensor();
     if (!prim.mask_pass(mask->contiguous(fmt), swept, xm, plane)) fail_invalid_mask(op, *mask);
@@ -124,10 +143,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d(Prim& prim, const Tens
 
   const Tensor& conv_in = has(mask) ? xm : x;
   const Tensor b = has(bias) ? bias->contiguous() : Tensor();
+  const std::vector<int64_t> no_output_padding(dims, 0);
   auto run = [&](Route route) {
     if (route == Route::Gemm) return prim.gemm_conv(conv_in, weight, b, ratio, updated_mask, g);
     Tensor out = at::convolution(conv_in, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
-                                 /*output_padding=*/{0, 0}, groups)
+                                 no_output_padding, groups)
                      .contiguous(fmt);
     prim.epilogue(out, ratio, updated_mask, b, g);
     return out;
@@ -139,13 +159,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d(Prim& prim, const Tens
 }
 
 template <class Prim>
-std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward(
-    Prim& prim, const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask,
-    const Tensor& weight, const Tensor& ratio, const Tensor& updated_mask, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
+std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
+    Prim& prim, int64_t dims, const Tensor& grad_output, const Tensor& masked_input,
+    const c10::optional<Tensor>& mask, const Tensor& weight, const Tensor& ratio, const Tensor& updated_mask,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
     std::array<bool, 3> output_mask) {
-  const char* op = "pconv_cuda::_partial_conv2d_backward";
-  const Geometry g = check_conv_args(op, masked_input, mask, weight, c10::nullopt, stride, padding, dilation,
+  const char* op = dims == 3 ? "pconv_cuda::_partial_conv3d_backward" : "pconv_cuda::_partial_conv2d_backward";
+  const Geometry g = check_conv_args(op, dims, masked_input, mask, weight, c10::nullopt, stride, padding, dilation,
                                      groups, multi_channel);
   check_backward_args(op, grad_output, ratio, updated_mask, masked_input, g);
   const auto [need_input, need_weight, need_bias] = output_mask;
@@ -159,7 +179,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward(
   if (need_input || need_weight) {
     // grad_input does not read the convolution's input values; grad_weight reads X*M, kept by the forward.
     auto grads = at::convolution_backward(gy, masked_input.contiguous(fmt), weight, c10::nullopt, stride, padding,
-                                          dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+                                          dilation, /*transposed=*/false, std::vector<int64_t>(dims, 0), groups,
                                           {need_input, need_weight, false});
     if (need_input) {
       dx = std::get<0>(grads).contiguous(fmt);
@@ -180,13 +200,60 @@ std::tuple<Tensor, Tensor> mask_update(Prim& prim, const Tensor& mask, at::IntAr
   const char* op = "pconv_cuda::mask_update";
   const Geometry g = check_mask_update_args(mask, kernel_size, stride, padding, dilation, multi_channel);
   const at::ScalarType update_dtype = mask_only_dtype(mask.scalar_type());
-  Tensor ratio = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(ratio_dtype(update_dtype)));
-  Tensor updated_mask = at::empty({g.N, 1, g.Ho, g.Wo}, mask.options().dtype(update_dtype));
-  Tensor plane = at::empty({g.N, 1, g.H, g.W}, ratio.options());
+  const std::vector<int64_t> map_sizes = output_map_sizes(g, g.N, 1);
+  Tensor ratio = at::empty(map_sizes, mask.options().dtype(ratio_dtype(update_dtype)));
+  Tensor updated_mask = at::empty(map_sizes, mask.options().dtype(update_dtype));
+  std::vector<int64_t> plane_sizes{g.N, 1};
+  for (const int64_t s : input_spatial_sizes(g)) plane_sizes.push_back(s);
+  Tensor plane = at::empty(plane_sizes, ratio.options());
   Tensor no_input, no_output;
   if (!prim.mask_pass(mask.contiguous(layout_of(mask)), no_input, no_output, plane)) fail_invalid_mask(op, mask);
   prim.ratio_update(plane, g, ratio, updated_mask);
   return {ratio, updated_mask};
+}
+
+// The dispatcher's entry points for a backend: each builds the backend's primitives and runs the op's flow.
+template <class Backend>
+struct OpEntries {
+  template <int64_t Dims>
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> conv(const Tensor& input, const c10::optional<Tensor>& mask,
+                                                         const Tensor& weight, const c10::optional<Tensor>& bias,
+                                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                                         at::IntArrayRef dilation, int64_t groups,
+                                                         bool multi_channel) {
+    return Backend::run(input, [&](auto& prim) {
+      return partial_conv(prim, Dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+    });
+  }
+
+  template <int64_t Dims>
+  static std::tuple<Tensor, Tensor, Tensor> conv_backward(
+      const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask,
+      const Tensor& weight, const Tensor& ratio, const Tensor& updated_mask, at::IntArrayRef stride,
+      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
+      std::array<bool, 3> output_mask) {
+    return Backend::run(masked_input, [&](auto& prim) {
+      return partial_conv_backward(prim, Dims, grad_output, masked_input, mask, weight, ratio, updated_mask, stride,
+                                   padding, dilation, groups, multi_channel, output_mask);
+    });
+  }
+
+  static std::tuple<Tensor, Tensor> update(const Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
+    return Backend::run(mask, [&](auto& prim) {
+      return mask_update(prim, mask, kernel_size, stride, padding, dilation, multi_channel);
+    });
+  }
+};
+
+template <class Backend>
+void impl_ops(torch::Library& m) {
+  using E = OpEntries<Backend>;
+  m.impl("partial_conv2d", &E::template conv<2>);
+  m.impl("partial_conv3d", &E::template conv<3>);
+  m.impl("_partial_conv2d_backward", &E::template conv_backward<2>);
+  m.impl("_partial_conv3d_backward", &E::template conv_backward<3>);
+  m.impl("mask_update", &E::update);
 }
 
 }  // namespace pconv

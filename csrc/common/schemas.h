@@ -4,27 +4,36 @@
 
 #include <torch/library.h>
 
+#include <string>
+
 #include "routes.h"
 
 namespace pconv {
 
 inline void define_ops(torch::Library& m) {
-  // Returns (output, updated_mask, ratio, masked_input). updated_mask and ratio are (N_mask, 1, H', W'), ratio in
-  // float32 (float64 for float64 input); masked_input is X*M (the convolution's input, kept for the weight
-  // gradient), or an empty tensor for mask=None (the input itself is the convolution's input then).
+  // partial_conv2d and partial_conv3d: one schema each for 2 and 3 spatial dimensions (a 1-D convolution is a 2-D
+  // one of height 1). Returns (output, updated_mask, ratio, masked_input). updated_mask and ratio are
+  // (N_mask, 1, [D',] H', W'), ratio in float32 (float64 for float64 input); masked_input is X*M (the convolution's
+  // input, kept for the weight gradient), or an empty tensor for mask=None (the input itself is the convolution's
+  // input then).
+  // _partial_conv{2,3}d_backward (private): the gradients for input, weight and bias, those asked for by
+  // output_mask. masked_input is the forward's masked_input (the input for mask=None); the mask zeroes grad_input
+  // in holes.
+  for (const std::string n : {"2", "3"}) {
+    const std::string forward = "partial_conv" + n + "d(Tensor input, Tensor? mask, Tensor weight, Tensor? bias, int[" +
+                                n + "] stride, int[" + n + "] padding, int[" + n + "] dilation, int groups, bool "
+                                "multi_channel) -> (Tensor output, Tensor updated_mask, Tensor ratio, Tensor "
+                                "masked_input)";
+    const std::string backward = "_partial_conv" + n + "d_backward(Tensor grad_output, Tensor masked_input, Tensor? "
+                                 "mask, Tensor weight, Tensor ratio, Tensor updated_mask, int[" + n + "] stride, "
+                                 "int[" + n + "] padding, int[" + n + "] dilation, int groups, bool multi_channel, "
+                                 "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)";
+    m.def(forward.c_str());
+    m.def(backward.c_str());
+  }
+  // The mask path alone, 2-D or 3-D by the mask's dim(): (ratio, updated_mask), each (N, 1, [D',] H', W').
   m.def(
-      "partial_conv2d(Tensor input, Tensor? mask, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, bool multi_channel) -> (Tensor output, Tensor updated_mask, Tensor ratio, "
-      "Tensor masked_input)");
-  // Private: the gradients of partial_conv2d for input, weight and bias, those asked for by output_mask.
-  // masked_input is the forward's masked_input (the input for mask=None); the mask zeroes grad_input in holes.
-  m.def(
-      "_partial_conv2d_backward(Tensor grad_output, Tensor masked_input, Tensor? mask, Tensor weight, "
-      "Tensor ratio, Tensor updated_mask, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "bool multi_channel, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-  // The mask path alone: (ratio, updated_mask), each (N, 1, H', W').
-  m.def(
-      "mask_update(Tensor mask, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "mask_update(Tensor mask, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
       "bool multi_channel) -> (Tensor ratio, Tensor updated_mask)");
   // Route control (routes.h), for pconv_cuda.routes: no tensors, so each library keeps its own state.
   m.def("_set_route(str device_type, str route) -> ()", &set_route_override);

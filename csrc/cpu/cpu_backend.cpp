@@ -27,7 +27,7 @@ int64_t grain_for(int64_t elements_per_item) {
 }
 
 // The layout the flow gave a tensor (op_flow.h, layout_of): the loops have an NCHW and an NHWC form.
-bool is_channels_last(const Tensor& t) { return layout_of(t) == at::MemoryFormat::ChannelsLast; }
+bool is_channels_last(const Tensor& t) { return is_nhwc(t); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Mask pass: one read of M, and of X when `x` is given. For the first mask_batch images, plane[n] = the sum of
@@ -36,7 +36,7 @@ bool is_channels_last(const Tensor& t) { return layout_of(t) == at::MemoryFormat
 // Tensors are contiguous in `fmt` (NCHW or NHWC). Returns false if some mask value was outside [0, 1] or NaN.
 template <typename scalar_t, typename mask_t, typename acc_t>
 bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tensor* xm_t) {
-  const int64_t Nm = mask.size(0), Cm = mask.size(1), HW = mask.size(2) * mask.size(3);
+  const int64_t Nm = mask.size(0), Cm = mask.size(1), HW = plane_pixels(mask);
   const int64_t N = x_t ? x_t->size(0) : Nm;
   const int64_t C = x_t ? x_t->size(1) : Cm;
   const bool nhwc = is_channels_last(x_t ? *x_t : mask);
@@ -107,30 +107,35 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
 // S per output pixel from the channel-summed plane, then ratio and U. The window sums of a whole output row are
 // formed tap by tap, each tap a loop over the output columns it keeps inside the plane: branch-free and
 // vectorisable, where window_sum per pixel tests every tap. Each S still adds its in-bounds taps in window_sum's
-// (i, j) order, so the sums are bitwise those of the CUDA kernel.
+// (depth, row, column) order, so the sums are bitwise those of the CUDA kernel. A row is (n, od, oh).
 template <typename acc_t, typename update_t>
 void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t* updated_mask) {
   const acc_t win = static_cast<acc_t>(g.window_size());
   const Window& w = g.win;
-  const int64_t HW = g.H * g.W;
   std::vector<int64_t> col_begin(w.kw), col_end(w.kw);  // output columns [begin, end) whose tap j is inside
   for (int64_t j = 0; j < w.kw; ++j) {
     const int64_t offset = j * w.dw - w.pw;  // input column of output column ow: ow * sw + offset
     col_begin[j] = std::min(g.Wo, offset >= 0 ? 0 : (-offset + w.sw - 1) / w.sw);
     col_end[j] = g.W - 1 - offset < 0 ? 0 : std::min(g.Wo, (g.W - 1 - offset) / w.sw + 1);
   }
-  at::parallel_for(0, g.mask_batch * g.Ho, grain_for(g.Wo * w.kh * w.kw), [&](int64_t begin, int64_t end) {
+  const int64_t rows = g.mask_batch * g.Do * g.Ho;
+  at::parallel_for(0, rows, grain_for(g.Wo * w.kd * w.kh * w.kw), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s(g.Wo);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.Ho, oh = row % g.Ho;
+      const int64_t image = row / g.Ho, oh = row % g.Ho;  // image = n * Do + od
+      const int64_t n = image / g.Do, od = image % g.Do;
       std::fill(s.begin(), s.end(), acc_t(0));
-      for (int64_t i = 0; i < w.kh; ++i) {
-        const int64_t h = oh * w.sh - w.ph + i * w.dh;
-        if (h < 0 || h >= g.H) continue;
-        const acc_t* line = plane + n * HW + h * g.W;
-        for (int64_t j = 0; j < w.kw; ++j) {
-          const int64_t offset = j * w.dw - w.pw;
-          for (int64_t ow = col_begin[j]; ow < col_end[j]; ++ow) s[ow] += line[ow * w.sw + offset];
+      for (int64_t k = 0; k < w.kd; ++k) {
+        const int64_t d = od * w.sd - w.pd + k * w.dd;
+        if (d < 0 || d >= g.D) continue;
+        for (int64_t i = 0; i < w.kh; ++i) {
+          const int64_t h = oh * w.sh - w.ph + i * w.dh;
+          if (h < 0 || h >= g.H) continue;
+          const acc_t* line = plane + ((n * g.D + d) * g.H + h) * g.W;
+          for (int64_t j = 0; j < w.kw; ++j) {
+            const int64_t offset = j * w.dw - w.pw;
+            for (int64_t ow = col_begin[j]; ow < col_end[j]; ++ow) s[ow] += line[ow * w.sw + offset];
+          }
         }
       }
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
@@ -144,21 +149,25 @@ void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t*
 }
 
 // mask=None: S is the number of in-bounds taps (times C_in for multi-channel); no mask exists to read. The count
-// factors into a row count and a column count (all_ones_window_sum), each computed once.
+// factors into a count per dimension (all_ones_window_sum), each computed once.
 template <typename acc_t, typename update_t>
 void ratio_all_ones_kernel(const Geometry& g, acc_t* ratio, update_t* updated_mask) {
   const acc_t win = static_cast<acc_t>(g.window_size());
   const Window& w = g.win;
-  std::vector<int64_t> rows(g.Ho), cols(g.Wo);
+  std::vector<int64_t> depths(g.Do), rows(g.Ho), cols(g.Wo);
+  for (int64_t od = 0; od < g.Do; ++od) depths[od] = taps_in_bounds(od, w.kd, w.sd, w.pd, w.dd, g.D);
   for (int64_t oh = 0; oh < g.Ho; ++oh) rows[oh] = taps_in_bounds(oh, w.kh, w.sh, w.ph, w.dh, g.H);
   for (int64_t ow = 0; ow < g.Wo; ++ow) cols[ow] = taps_in_bounds(ow, w.kw, w.sw, w.pw, w.dw, g.W);
   const int64_t channels = g.multi_channel ? g.C_in : 1;
-  for (int64_t oh = 0; oh < g.Ho; ++oh) {
-    for (int64_t ow = 0; ow < g.Wo; ++ow) {
-      acc_t r, u;
-      ratio_and_update(static_cast<acc_t>(rows[oh] * cols[ow] * channels), win, &r, &u);
-      ratio[oh * g.Wo + ow] = r;
-      updated_mask[oh * g.Wo + ow] = static_cast<update_t>(u);
+  for (int64_t od = 0; od < g.Do; ++od) {
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const int64_t row = od * g.Ho + oh;
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        acc_t r, u;
+        ratio_and_update(static_cast<acc_t>(depths[od] * rows[oh] * cols[ow] * channels), win, &r, &u);
+        ratio[row * g.Wo + ow] = r;
+        updated_mask[row * g.Wo + ow] = static_cast<update_t>(u);
+      }
     }
   }
 }
@@ -170,7 +179,7 @@ void epilogue_kernel(Tensor& out, const acc_t* ratio, const scalar_t* updated_ma
                      const Geometry& g) {
   using opmath_t = acc_t;  // float for half types
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
-  const int64_t HW = g.Ho * g.Wo, C = g.C_out;
+  const int64_t HW = g.out_pixels(), C = g.C_out;
   const int64_t mask_stride = g.mask_batch == 1 ? 0 : HW;
   if (is_channels_last(out)) {
     at::parallel_for(0, g.N * HW, grain_for(C), [&](int64_t begin, int64_t end) {
@@ -210,7 +219,7 @@ void grad_output_kernel(const Tensor& dy, Tensor& gy, scalar_t* db, const acc_t*
   using opmath_t = acc_t;  // float for half types
   const scalar_t* d = dy.const_data_ptr<scalar_t>();
   scalar_t* o = gy.mutable_data_ptr<scalar_t>();
-  const int64_t HW = g.Ho * g.Wo, C = g.C_out;
+  const int64_t HW = g.out_pixels(), C = g.C_out;
   const int64_t mask_stride = g.mask_batch == 1 ? 0 : HW;
   if (is_channels_last(dy)) {
     constexpr int64_t kChunk = 1024;  // pixels per partial sum
@@ -348,7 +357,7 @@ struct CpuPrimitives {
   }
 
   bool gemm_supported(const Geometry& g, const Tensor& conv_in) {
-    return layout_of(conv_in) == at::MemoryFormat::Contiguous;
+    return g.spatial_dims == 2 && layout_of(conv_in) == at::MemoryFormat::Contiguous;
   }
 
   // On small output maps oneDNN's per-call cost dominates and a GEMM over im2col wins (0.6x-0.9x of aten_conv at
@@ -389,38 +398,16 @@ struct CpuPrimitives {
   }
 };
 
-// ---------------------------------------------------------------------------------------------------------------
-// Entry points: the op flows with the CPU primitives.
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d_cpu(const Tensor& input, const c10::optional<Tensor>& mask,
-                                                              const Tensor& weight, const c10::optional<Tensor>& bias,
-                                                              at::IntArrayRef stride, at::IntArrayRef padding,
-                                                              at::IntArrayRef dilation, int64_t groups,
-                                                              bool multi_channel) {
-  CpuPrimitives prim;
-  return partial_conv2d(prim, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
-}
-
-std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward_cpu(
-    const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask, const Tensor& weight,
-    const Tensor& ratio, const Tensor& updated_mask, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool multi_channel, std::array<bool, 3> output_mask) {
-  CpuPrimitives prim;
-  return partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
-                                 dilation, groups, multi_channel, output_mask);
-}
-
-std::tuple<Tensor, Tensor> mask_update_cpu(const Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                           at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
-  CpuPrimitives prim;
-  return mask_update(prim, mask, kernel_size, stride, padding, dilation, multi_channel);
-}
+// The op flows (op_flow.h, impl_ops) run with these primitives.
+struct CpuBackend {
+  template <class Fn>
+  static auto run(const Tensor&, Fn&& fn) {
+    CpuPrimitives prim;
+    return fn(prim);
+  }
+};
 
 }  // namespace
 }  // namespace pconv
 
-TORCH_LIBRARY_IMPL(pconv_cuda, CPU, m) {
-  m.impl("partial_conv2d", &pconv::partial_conv2d_cpu);
-  m.impl("_partial_conv2d_backward", &pconv::partial_conv2d_backward_cpu);
-  m.impl("mask_update", &pconv::mask_update_cpu);
-}
+TORCH_LIBRARY_IMPL(pconv_cuda, CPU, m) { pconv::impl_ops<pconv::CpuBackend>(m); }

@@ -40,43 +40,19 @@ struct CudaLaunch {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_conv2d_cuda(
-    const at::Tensor& input, const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, bool multi_channel) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  CudaLaunch launch{c10::cuda::getCurrentCUDAStream().stream()};
-  CudaPrimitives<CudaLaunch> prim{launch};
-  return partial_conv2d(prim, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& masked_input, const c10::optional<at::Tensor>& mask,
-    const at::Tensor& weight, const at::Tensor& ratio, const at::Tensor& updated_mask, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
-    std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(masked_input.device());
-  CudaLaunch launch{c10::cuda::getCurrentCUDAStream().stream()};
-  CudaPrimitives<CudaLaunch> prim{launch};
-  return partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
-                                 dilation, groups, multi_channel, output_mask);
-}
-
-std::tuple<at::Tensor, at::Tensor> mask_update_cuda(const at::Tensor& mask, at::IntArrayRef kernel_size,
-                                                    at::IntArrayRef stride, at::IntArrayRef padding,
-                                                    at::IntArrayRef dilation, bool multi_channel) {
-  const c10::cuda::CUDAGuard guard(mask.device());
-  CudaLaunch launch{c10::cuda::getCurrentCUDAStream().stream()};
-  CudaPrimitives<CudaLaunch> prim{launch};
-  return mask_update(prim, mask, kernel_size, stride, padding, dilation, multi_channel);
-}
+// The op flows (op_flow.h, impl_ops) run with these primitives, on the current stream of the tensor's device.
+struct CudaBackend {
+  template <class Fn>
+  static auto run(const at::Tensor& on, Fn&& fn) {
+    const c10::cuda::CUDAGuard guard(on.device());
+    CudaLaunch launch{c10::cuda::getCurrentCUDAStream().stream()};
+    CudaPrimitives<CudaLaunch> prim{launch};
+    return fn(prim);
+  }
+};
 
 }  // namespace
 }  // namespace cuda
 }  // namespace pconv
 
-TORCH_LIBRARY_IMPL(pconv_cuda, CUDA, m) {
-  m.impl("partial_conv2d", &pconv::cuda::partial_conv2d_cuda);
-  m.impl("_partial_conv2d_backward", &pconv::cuda::partial_conv2d_backward_cuda);
-  m.impl("mask_update", &pconv::cuda::mask_update_cuda);
-}
+TORCH_LIBRARY_IMPL(pconv_cuda, CUDA, m) { pconv::impl_ops<pconv::cuda::CudaBackend>(m); }

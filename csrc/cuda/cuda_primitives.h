@@ -36,12 +36,12 @@ struct CudaPrimitives {
   Launch& launch;
 
   bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane) {
-    if (mask.size(2) * mask.size(3) == 0) return true;  // no pixels: nothing to write, the plane is empty too
+    if (plane_pixels(mask) == 0) return true;  // no pixels: nothing to write, the plane is empty too
     // An input with no elements (no channels) has no X*M to form; the plane is still the mask's.
     const bool sweep = x.defined() && x.numel() > 0;
-    const bool nhwc = layout_of(x.defined() ? x : mask) == at::MemoryFormat::ChannelsLast;
+    const bool nhwc = is_nhwc(x.defined() ? x : mask);
     const MaskPassShape s{sweep ? x.size(0) : mask.size(0), sweep ? x.size(1) : mask.size(1),
-                          mask.size(2) * mask.size(3), mask.size(0), mask.size(1)};
+                          plane_pixels(mask), mask.size(0), mask.size(1)};
     check_index_range("pixels per image", s.HW);
     const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
     dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
@@ -83,18 +83,19 @@ struct CudaPrimitives {
   }
 
   void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& updated_mask) {
-    check_index_range("output pixels per image", g.Ho * g.Wo);
+    check_index_range("output pixels per image", g.out_pixels());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, updated_mask.scalar_type(), "pconv_ratio", [&] {
       using acc_t = acc_type_t<scalar_t>;
       launch(ratio_kernel<acc_t, scalar_t>, ratio_config(g), ptr_or_null<acc_t>(plane), g,
-             FastDivmod(static_cast<uint32_t>(g.Wo)), ratio.mutable_data_ptr<acc_t>(),
+             FastDivmod(static_cast<uint32_t>(g.Wo)), FastDivmod(static_cast<uint32_t>(g.Ho)),
+             ratio.mutable_data_ptr<acc_t>(),
              updated_mask.mutable_data_ptr<scalar_t>());
     });
   }
 
   static MapShape map_shape(const Tensor& y, const Tensor& ratio) {
     check_index_range("output planes", y.size(0) * y.size(1));
-    return MapShape{y.size(0), y.size(1), y.size(2) * y.size(3), ratio.size(0),
+    return MapShape{y.size(0), y.size(1), plane_pixels(y), ratio.size(0),
                     FastDivmod(static_cast<uint32_t>(std::max<int64_t>(1, y.size(1))))};
   }
 
@@ -105,7 +106,7 @@ struct CudaPrimitives {
 
   void epilogue(Tensor& out, const Tensor& ratio, const Tensor& updated_mask, const Tensor& bias, const Geometry& g) {
     const MapShape s = map_shape(out, ratio);
-    const bool nhwc = layout_of(out) == at::MemoryFormat::ChannelsLast;
+    const bool nhwc = is_nhwc(out);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pconv_epilogue", [&] {
       using acc_t = acc_type_t<scalar_t>;
       constexpr int W = 16 / sizeof(scalar_t);
@@ -134,7 +135,7 @@ struct CudaPrimitives {
   void grad_output(const Tensor& dy, Tensor& gy, Tensor& db, const Tensor& ratio, const Tensor& updated_mask,
                    const Geometry& g) {
     const MapShape s = map_shape(dy, ratio);
-    const bool nhwc = layout_of(dy) == at::MemoryFormat::ChannelsLast;
+    const bool nhwc = is_nhwc(dy);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "pconv_grad_output", [&] {
       using acc_t = acc_type_t<scalar_t>;
       constexpr int W = 16 / sizeof(scalar_t);
@@ -188,7 +189,7 @@ struct CudaPrimitives {
   }
 
   bool gemm_supported(const Geometry& g, const Tensor& conv_in) {
-    return layout_of(conv_in) == at::MemoryFormat::Contiguous &&
+    return g.spatial_dims == 2 && layout_of(conv_in) == at::MemoryFormat::Contiguous &&
            ceil_div(g.C_out / g.groups, kTileM) * g.groups <= kMaxGridY && g.N * g.Ho * g.Wo <= kMaxIndex32 &&
            (g.C_in / g.groups) * g.win.kh * g.win.kw <= kMaxIndex32;
   }

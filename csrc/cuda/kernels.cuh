@@ -232,28 +232,30 @@ inline LaunchConfig plane_nhwc_config(int64_t pixels, int64_t Cm) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Ratio map: S at each output pixel by a window sum over the plane (k*k cached reads; plane == nullptr is the
-// all-ones mask, S from the in-bounds tap counts), then ratio and U. Images in blockIdx.y.
+// Ratio map: S at each output pixel by a window sum over the plane (kd*kh*kw cached reads; plane == nullptr is
+// the all-ones mask, S from the in-bounds tap counts), then ratio and U. Images in blockIdx.y; an image's output
+// pixels (od, oh, ow) split with two divisors fixed at launch.
 template <typename acc_t, typename update_t>
-__global__ void ratio_kernel(const acc_t* __restrict__ plane, Geometry g, FastDivmod wo, acc_t* __restrict__ ratio,
-                             update_t* __restrict__ updated_mask) {
-  const int64_t HWo = g.Ho * g.Wo;
+__global__ void ratio_kernel(const acc_t* __restrict__ plane, Geometry g, FastDivmod wo, FastDivmod ho,
+                             acc_t* __restrict__ ratio, update_t* __restrict__ updated_mask) {
+  const int64_t pixels = g.out_pixels();
   const int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= HWo) return;
-  const uint32_t oh = wo.div(static_cast<uint32_t>(p)), ow = wo.mod(static_cast<uint32_t>(p), oh);
+  if (p >= pixels) return;
+  const uint32_t row = wo.div(static_cast<uint32_t>(p)), ow = wo.mod(static_cast<uint32_t>(p), row);
+  const uint32_t od = ho.div(row), oh = ho.mod(row, od);
   const acc_t win = static_cast<acc_t>(g.window_size());
   for (int64_t n = blockIdx.y; n < g.mask_batch; n += gridDim.y) {
-    const acc_t s = plane != nullptr ? window_sum<acc_t>(plane + n * g.H * g.W, g.H, g.W, g.win, oh, ow)
-                                     : static_cast<acc_t>(all_ones_window_sum(g, oh, ow));
+    const acc_t s = plane != nullptr ? window_sum<acc_t>(plane + n * g.pixels(), g.D, g.H, g.W, g.win, od, oh, ow)
+                                     : static_cast<acc_t>(all_ones_window_sum(g, od, oh, ow));
     acc_t r, u;
     ratio_and_update(s, win, &r, &u);
-    ratio[n * HWo + p] = r;
-    updated_mask[n * HWo + p] = static_cast<update_t>(u);
+    ratio[n * pixels + p] = r;
+    updated_mask[n * pixels + p] = static_cast<update_t>(u);
   }
 }
 
 inline LaunchConfig ratio_config(const Geometry& g) {
-  return {dim3(static_cast<unsigned>(ceil_div(g.Ho * g.Wo, kThreads)), grid_y(g.mask_batch)), dim3(kThreads), 0,
+  return {dim3(static_cast<unsigned>(ceil_div(g.out_pixels(), kThreads)), grid_y(g.mask_batch)), dim3(kThreads), 0,
           false};
 }
 

@@ -43,32 +43,15 @@ struct EmuLaunch {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv2d(const Tensor& input, const c10::optional<Tensor>& mask,
-                                                          const Tensor& weight, const c10::optional<Tensor>& bias,
-                                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                                          at::IntArrayRef dilation, int64_t groups,
-                                                          bool multi_channel) {
-  EmuLaunch launch;
-  cuda::CudaPrimitives<EmuLaunch> prim{launch};
-  return pconv::partial_conv2d(prim, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
-}
-
-std::tuple<Tensor, Tensor, Tensor> partial_conv2d_backward(
-    const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask, const Tensor& weight,
-    const Tensor& ratio, const Tensor& updated_mask, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool multi_channel, std::array<bool, 3> output_mask) {
-  EmuLaunch launch;
-  cuda::CudaPrimitives<EmuLaunch> prim{launch};
-  return pconv::partial_conv2d_backward(prim, grad_output, masked_input, mask, weight, ratio, updated_mask, stride,
-                                        padding, dilation, groups, multi_channel, output_mask);
-}
-
-std::tuple<Tensor, Tensor> mask_update(const Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                       at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
-  EmuLaunch launch;
-  cuda::CudaPrimitives<EmuLaunch> prim{launch};
-  return pconv::mask_update(prim, mask, kernel_size, stride, padding, dilation, multi_channel);
-}
+// The op flows (op_flow.h, impl_ops) run with the CUDA primitives under the emulation.
+struct EmuBackend {
+  template <class Fn>
+  static auto run(const Tensor&, Fn&& fn) {
+    EmuLaunch launch;
+    cuda::CudaPrimitives<EmuLaunch> prim{launch};
+    return fn(prim);
+  }
+};
 
 // Kernels that check the emulation itself: each is right or wrong in a way a GPU would show.
 template <bool kBarrier>
@@ -368,9 +351,7 @@ TORCH_LIBRARY(pconv_cuda_emu, m) {
 }
 
 TORCH_LIBRARY_IMPL(pconv_cuda_emu, CPU, m) {
-  m.impl("partial_conv2d", &pconv::emu::partial_conv2d);
-  m.impl("_partial_conv2d_backward", &pconv::emu::partial_conv2d_backward);
-  m.impl("mask_update", &pconv::emu::mask_update);
+  pconv::impl_ops<pconv::emu::EmuBackend>(m);
   m.impl("_emu_selftest", &pconv::emu::emu_selftest);
 }
 
