@@ -13,6 +13,7 @@ variants run interleaved and the median of each is reported with three ratios:
     python benchmarks/bench.py --quick --layers enc1,dec1
     python benchmarks/bench.py --json out.json         # also write the rows as JSON
     python benchmarks/bench.py --plot bench.png        # per-layer ratio bars at batch 1 (needs matplotlib)
+    python benchmarks/bench.py --dims 3                # 3-D layers of a video-inpainting U-Net (8 frames x 128 px)
 CUDA rows (CUDA-event timing after warm-up, peak memory) run when a GPU is present and pconv_cuda has CUDA
 kernels, once per CUDA route (--cuda-routes, default both: aten_conv, i.e. cuDNN plus our passes, and gemm, our
 implicit-GEMM kernel; "auto" measures what users get by default).
@@ -27,7 +28,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,21 +59,62 @@ class Row:
     peak_mb: Optional[Dict[str, float]] = None
 
 
-def make_case(layer: Layer, batch: int, multi: bool, device: str, dtype: torch.dtype, seed: int = 0):
+@dataclass(frozen=True)
+class VideoLayer:
+    """A 3-D layer: (frames, size, size) input, (kd, k, k) kernel, stride per dimension, 'same'-style padding."""
+    name: str
+    c_in: int
+    c_out: int
+    k: Tuple[int, int, int]
+    stride: Tuple[int, int, int]
+    frames: int
+    size: int
+
+
+def video_layers(image: int = 128, frames: int = 8) -> List[VideoLayer]:
+    """A video-inpainting U-Net's 3-D partial convolutions at `frames` x `image` px: a 3x5x5 and two 3x3x3 encoder
+    layers (the third also halves the frames), two decoder layers on concatenated skip features."""
+    return [
+        VideoLayer("v_enc1", 3, 32, (3, 5, 5), (1, 2, 2), frames, image),
+        VideoLayer("v_enc2", 32, 64, (3, 3, 3), (1, 2, 2), frames, image // 2),
+        VideoLayer("v_enc3", 64, 128, (3, 3, 3), (2, 2, 2), frames, image // 4),
+        VideoLayer("v_dec2", 64 + 32, 32, (3, 3, 3), (1, 1, 1), frames, image // 2),
+        VideoLayer("v_dec1", 32 + 3, 3, (3, 3, 3), (1, 1, 1), frames, image),
+    ]
+
+
+def shape_of(layer) -> str:
+    if isinstance(layer, VideoLayer):
+        return (f"{layer.c_in}->{layer.c_out} k{'x'.join(map(str, layer.k))} s{'x'.join(map(str, layer.stride))} "
+                f"@{layer.frames}x{layer.size}")
+    return f"{layer.c_in}->{layer.c_out} k{layer.k} s{layer.stride} @{layer.size}"
+
+
+def make_case(layer, batch: int, multi: bool, device: str, dtype: torch.dtype, seed: int = 0):
+    """(x, m, conv) for a 2-D Layer or a VideoLayer; conv is the nn.ConvNd whose parameters every variant uses."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, layer.c_in, layer.size, layer.size, generator=g).to(device, dtype)
+    if isinstance(layer, VideoLayer):
+        spatial = (layer.frames, layer.size, layer.size)
+        conv = torch.nn.Conv3d(layer.c_in, layer.c_out, layer.k, layer.stride, tuple(k // 2 for k in layer.k))
+    else:
+        spatial = (layer.size, layer.size)
+        conv = torch.nn.Conv2d(layer.c_in, layer.c_out, layer.k, layer.stride, layer.k // 2)
+    x = torch.randn(batch, layer.c_in, *spatial, generator=g).to(device, dtype)
     mc = layer.c_in if multi else 1
-    m = (torch.rand(batch, mc, layer.size, layer.size, generator=g) > 0.25).to(device, dtype)
-    conv = torch.nn.Conv2d(layer.c_in, layer.c_out, layer.k, layer.stride, layer.k // 2).to(device, dtype)
-    return x, m, conv
+    m = (torch.rand(batch, mc, *spatial, generator=g) > 0.25).to(device, dtype)
+    return x, m, conv.to(device, dtype)
 
 
 def variants(x, m, conv, multi: bool) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     w, b, s, p = conv.weight, conv.bias, conv.stride, conv.padding
+    three_d = w.dim() == 5
+    plain = F.conv3d if three_d else F.conv2d
+    unfused = reference.partial_conv3d if three_d else reference.partial_conv2d
+    fused = pconv_cuda.partial_conv3d if three_d else pconv_cuda.partial_conv2d
     return {
-        "plain": lambda x: F.conv2d(x, w, b, s, p),
-        "reference": lambda x: reference.partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
-        "fused": lambda x: pconv_cuda.partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
+        "plain": lambda x: plain(x, w, b, s, p),
+        "reference": lambda x: unfused(x, m, w, b, s, p, 1, 1, multi)[0],
+        "fused": lambda x: fused(x, m, w, b, s, p, 1, 1, multi)[0],
         "peer": lambda x: peer_partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
     }
 
@@ -136,7 +178,7 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock) -> Ro
         for name in rotation(names, r):
             times[name].append(clock.time_ms(lambda: step(fns[name])))
     med = {n: statistics.median(t) for n, t in times.items()}
-    return Row(device, layer.name, f"{layer.c_in}->{layer.c_out} k{layer.k} s{layer.stride} @{layer.size}",
+    return Row(device, layer.name, shape_of(layer),
                "multi" if multi else "single", batch, "fwd+bwd" if backward else "fwd", med["plain"],
                med["reference"], med["fused"], med["fused"] / med["plain"], med["reference"] / med["fused"],
                med["peer"], med["fused"] / med["peer"], peak)
@@ -230,7 +272,10 @@ def main(argv=None) -> int:
                     help="subset of layer names, e.g. enc1 dec1 or enc1,dec1")
     ap.add_argument("--masks", nargs="+", default=["single", "multi"], choices=["single", "multi"])
     ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    ap.add_argument("--image", type=int, default=256, help="U-Net input size (default 256)")
+    ap.add_argument("--dims", type=int, default=2, choices=[2, 3],
+                    help="2: the image U-Net's layers (default); 3: a video U-Net's 3-D layers (video_layers)")
+    ap.add_argument("--image", type=int, default=None, help="input size in px (default 256; 128 with --dims 3)")
+    ap.add_argument("--frames", type=int, default=8, help="frames of the 3-D layers (default 8)")
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--cuda-routes", nargs="+", default=["aten_conv", "gemm"], choices=["auto", "aten_conv", "gemm"],
@@ -248,9 +293,10 @@ def main(argv=None) -> int:
 
     batches = args.batch or ([1] if args.quick else [1, 4])
     repeats = args.repeats or (3 if args.quick else 5)
-    layers = [l for l in unet_layers(args.image) if args.layers is None or l.name in args.layers]
+    all_layers = (video_layers(args.image or 128, args.frames) if args.dims == 3 else unet_layers(args.image or 256))
+    layers = [l for l in all_layers if args.layers is None or l.name in args.layers]
     if not layers:
-        ap.error(f"no layer matches --layers {args.layers}; names: {[l.name for l in unet_layers(args.image)]}")
+        ap.error(f"no layer matches --layers {args.layers}; names: {[l.name for l in all_layers]}")
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     for d in devices:
         if d.startswith("cuda") and pconv_cuda.ops.MISSING_CUDA_KERNELS:
@@ -260,7 +306,7 @@ def main(argv=None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, dtype {args.dtype}, "
           f"median of {repeats} interleaved repeats")
-    head = (f"{'dev':4s} {'layer':6s} {'shape':26s} {'mask':6s} {'N':>2s} {'pass':7s} {'plain ms':>9s} "
+    head = (f"{'dev':4s} {'layer':6s} {'shape':30s} {'mask':6s} {'N':>2s} {'pass':7s} {'plain ms':>9s} "
             f"{'ref ms':>9s} {'fused ms':>9s} {'peer ms':>9s} {'fused/plain':>11s} {'ref/fused':>9s} "
             f"{'fused/peer':>10s}")
     print(head)
@@ -285,7 +331,7 @@ def main(argv=None) -> int:
                         r = run_case(layer, batch, mask == "multi", pass_ == "fwd+bwd", device, dtype, repeats, clock)
                         r.device = label
                         rows.append(r)
-                        print(f"{r.device:4s} {r.layer:6s} {r.shape:26s} {r.mask:6s} {r.batch:2d} {r.pass_:7s} "
+                        print(f"{r.device:4s} {r.layer:6s} {r.shape:30s} {r.mask:6s} {r.batch:2d} {r.pass_:7s} "
                               f"{r.plain_ms:9.2f} {r.reference_ms:9.2f} {r.fused_ms:9.2f} {r.peer_ms:9.2f} "
                               f"{r.fused_over_plain:10.2f}x {r.reference_over_fused:8.2f}x {r.fused_over_peer:9.2f}x"
                               + (f"  peak MB plain/ref/fused/peer {r.peak_mb['plain']:.0f}/"

@@ -31,10 +31,15 @@ def peer_partial_conv2d(
     groups: int = 1,
     multi_channel: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """Partial convolution in plain PyTorch. Returns ``(output, updated_mask)`` like ``pconv_cuda.partial_conv2d``."""
-    c_in, (kh, kw) = input.shape[1], weight.shape[2:]
+    """Partial convolution in plain PyTorch. Returns ``(output, updated_mask)`` like ``pconv_cuda.partial_conv2d``;
+    a 5-D input (N, C, D, H, W) with a (C_out, C_in / groups, kd, kh, kw) weight is the 3-D layer
+    (``pconv_cuda.partial_conv3d``)."""
+    c_in, kernel = input.shape[1], tuple(weight.shape[2:])
+    conv = F.conv3d if len(kernel) == 3 else F.conv2d
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    win = kh * kw * (c_in if multi_channel else 1)
+    win = c_in if multi_channel else 1
+    for k in kernel:
+        win *= k
     with torch.no_grad():  # S, ratio and U depend on the mask only, which gets no gradient
         if mask is None:
             plane = torch.full((1, 1, *input.shape[2:]), float(c_in if multi_channel else 1), dtype=acc,
@@ -42,12 +47,12 @@ def peer_partial_conv2d(
         else:
             mask = mask.detach().to(input.dtype)
             plane = mask.sum(1, keepdim=True, dtype=acc) if multi_channel else mask.to(acc)
-        ones = torch.ones(1, 1, kh, kw, dtype=acc, device=input.device)
-        s = F.conv2d(plane, ones, None, stride, padding, dilation)
+        ones = torch.ones(1, 1, *kernel, dtype=acc, device=input.device)
+        s = conv(plane, ones, None, stride, padding, dilation)
         updated = s.clamp(0, 1)
         ratio = torch.where(s > 0, win / s, 0) * updated
-    raw = F.conv2d(input if mask is None else input * mask, weight, None, stride, padding, dilation, groups)
+    raw = conv(input if mask is None else input * mask, weight, None, stride, padding, dilation, groups)
     out = raw * ratio  # in `acc`: fp16/bf16 raw is promoted, and cast back once at the end
     if bias is not None:
-        out = out.addcmul_(bias.view(1, -1, 1, 1), updated)  # + b*U in the same pass, no (N, C_out, H', W') b*U
+        out = out.addcmul_(bias.view(1, -1, *(1,) * len(kernel)), updated)  # + b*U in the same pass
     return out.to(input.dtype), updated.to(input.dtype)
