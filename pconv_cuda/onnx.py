@@ -3,23 +3,24 @@
 The ops are lowered to standard ONNX operators (no custom domain, so any runtime runs the model), with the maths
 of docs/architecture.md::
 
-    S      = Conv(M, ones(1, C_m, kh, kw))          window sum of the mask (C_m = C_in multi-channel, else 1)
+    S      = Conv(M, ones(1, C_m, kh, kw))          window sum of the mask (C_m = C_in multi-channel, else 1;
+                                                    (kd, kh, kw) for partial_conv3d)
     U      = Clip(S, 0, 1)                          the updated mask
     ratio  = Where(S == 0, 0, win / S * U)          float32 (float64 for float64 input)
     Y      = Conv(Where(M == 0, 0, X * M), W) * ratio + b * U
 
 ``mask=None`` counts the in-bounds taps with the same ones-Conv over a ones plane of the input's spatial size
-(``ConstantOfShape(Shape(X)[2:4])``), so border windows are renormalised and the batch axis stays dynamic; the
+(``ConstantOfShape(Shape(X)[2:])``), so border windows are renormalised and the batch axis stays dynamic; the
 convolution then reads X as it is.
 
 * ``dynamo=True`` (torch.export): :func:`custom_translation_table` maps ``torch.ops.pconv_cuda.partial_conv2d``
-  (and ``mask_update``) to ONNX Script functions, passed as ``torch.onnx.export(...,
+  (``partial_conv3d``, ``mask_update``) to ONNX Script functions, passed as ``torch.onnx.export(...,
   custom_translation_table=...)``, the way torch documents for custom ops.
 * ``dynamo=False`` (TorchScript): :func:`register_torchscript_symbolics` registers symbolic functions with
   ``torch.onnx.register_custom_op_symbolic`` (opset 11 and later); importing this module does it, so a plain
   ``torch.onnx.export(..., dynamo=False)`` works after ``import pconv_cuda.onnx``.
 
-Both build the same graph from one lowering (:func:`_lower_partial_conv2d`). :func:`export` does the
+Both build the same graph from one lowering (:func:`_lower_partial_conv`, 2-D and 3-D). :func:`export` does the
 registration, passes the table and makes the batch axis dynamic: one call for either exporter. Importing this
 module needs neither onnx nor onnxscript; they are imported when an export runs (``pip install 'pconv_cuda[onnx]'``).
 """
@@ -125,25 +126,26 @@ def _np_dtype(onnx_dtype: int):
 
 def _window_sum(b: _Builder, x, mask, kernel: Sequence[int], stride, padding, dilation, multi_channel: bool,
                 c_in: int):
-    """S (N_mask or 1, 1, H', W') in float32 (float64 for float64 input), and win = kh*kw (*C_in)."""
-    kh, kw = kernel
+    """S (N_mask or 1, 1, [D',] H', W') in float32 (float64 for float64 input), and win = kh*kw (*kd) (*C_in)."""
+    kernel = list(kernel)
+    taps = int(np.prod(kernel))
     acc = _DOUBLE if b.dtype(x) == _DOUBLE else _FLOAT
-    conv = dict(strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
-                dilations=list(dilation), group=1)
-    win = kh * kw * (c_in if multi_channel else 1)
+    conv = dict(strides=list(stride), pads=list(padding) * 2, dilations=list(dilation), group=1)
+    win = taps * (c_in if multi_channel else 1)
     if mask is None:
         # In-bounds taps: a ones-Conv over a ones plane (1, 1, H, W) shaped like the input's spatial size, so the
         # graph stays valid for any batch (and H, W). Every channel counts alike: multi-channel S is C_in times
         # it, which leaves ratio and U unchanged (S is an integer >= 1, or 0).
-        hw = b.op("Slice", b.op("Shape", x), b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64)))
+        end = 2 + len(kernel)
+        hw = b.op("Slice", b.op("Shape", x), b.const(np.array([2], np.int64)), b.const(np.array([end], np.int64)))
         plane_shape = b.op("Concat", b.const(np.array([1, 1], np.int64)), hw, axis=0)
         plane = b.op("ConstantOfShape", plane_shape, value=np.ones((1,), _np_dtype(acc)))
-        s = b.op("Conv", plane, b.const(np.ones((1, 1, kh, kw), _np_dtype(acc))), **conv)
-        win = kh * kw  # per channel: the same ratio as C_in*kh*kw / (C_in*S)
+        s = b.op("Conv", plane, b.const(np.ones((1, 1, *kernel), _np_dtype(acc))), **conv)
+        win = taps  # per channel: the same ratio as C_in*taps / (C_in*S)
         return s, win, acc
     m = mask if b.dtype(mask) == acc else b.op("Cast", mask, to=acc)
     c_m = c_in if multi_channel else 1
-    s = b.op("Conv", m, b.const(np.ones((1, c_m, kh, kw), _np_dtype(acc))), **conv)
+    s = b.op("Conv", m, b.const(np.ones((1, c_m, *kernel), _np_dtype(acc))), **conv)
     return s, win, acc
 
 
@@ -164,16 +166,16 @@ def _cast(b: _Builder, value, from_: int, to: int):
     return value if from_ == to else b.op("Cast", value, to=to)
 
 
-def _lower_partial_conv2d(b: _Builder, input, mask, weight, bias, stride, padding, dilation, groups,
-                          multi_channel):
-    """(output, updated_mask, ratio, masked_input) of pconv_cuda::partial_conv2d in ONNX operators."""
+def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    """(output, updated_mask, ratio, masked_input) of pconv_cuda::partial_conv2d or partial_conv3d (by the
+    weight's rank) in ONNX operators."""
     w_shape = b.shape(weight)
-    if w_shape is None or len(w_shape) != 4 or any(d is None for d in w_shape):
+    if w_shape is None or len(w_shape) not in (4, 5) or any(d is None for d in w_shape):
         raise RuntimeError("pconv_cuda ONNX export: the weight's shape must be known (static) at export time")
-    c_out, c_in_g, kh, kw = w_shape
+    c_out, c_in_g, *kernel = w_shape
     c_in = c_in_g * groups
     x_dtype = b.dtype(input)
-    s, win, acc = _window_sum(b, input, mask, (kh, kw), stride, padding, dilation, multi_channel, c_in)
+    s, win, acc = _window_sum(b, input, mask, kernel, stride, padding, dilation, multi_channel, c_in)
     ratio, update = _ratio_and_update(b, s, win, acc)
 
     if mask is None:
@@ -186,13 +188,13 @@ def _lower_partial_conv2d(b: _Builder, input, mask, weight, bias, stride, paddin
         zero = _cast(b, b.const(np.array(0, np.float32)), _FLOAT, x_dtype)
         conv_in = b.op("Where", b.op("Equal", m, zero), zero, b.op("Mul", input, m))
         masked_input = conv_in
-    raw = b.op("Conv", conv_in, weight, strides=list(stride),
-               pads=[padding[0], padding[1], padding[0], padding[1]], dilations=list(dilation), group=groups,
-               kernel_shape=[kh, kw])
+    raw = b.op("Conv", conv_in, weight, strides=list(stride), pads=list(padding) * 2, dilations=list(dilation),
+               group=groups, kernel_shape=list(kernel))
     # Renormalise in the ratio's precision (float32 for half input), as the kernels do.
     out = b.op("Mul", _cast(b, raw, x_dtype, acc), ratio)
     if bias is not None:
-        b4 = b.op("Reshape", _cast(b, bias, b.dtype(bias), acc), b.const(np.array([1, c_out, 1, 1], np.int64)))
+        b4 = b.op("Reshape", _cast(b, bias, b.dtype(bias), acc),
+                  b.const(np.array([1, c_out] + [1] * len(kernel), np.int64)))
         out = b.op("Add", out, b.op("Mul", b4, update))
     out = _cast(b, out, acc, x_dtype)
     return out, _cast(b, update, acc, x_dtype), ratio, masked_input
@@ -201,7 +203,7 @@ def _lower_partial_conv2d(b: _Builder, input, mask, weight, bias, stride, paddin
 def _lower_mask_update(b: _Builder, mask, kernel_size, stride, padding, dilation, multi_channel):
     """(ratio, updated_mask) of pconv_cuda::mask_update."""
     m_shape = b.shape(mask)
-    c_m = m_shape[1] if m_shape is not None and len(m_shape) == 4 else None
+    c_m = m_shape[1] if m_shape is not None and len(m_shape) in (4, 5) else None
     if multi_channel and c_m is None:
         raise RuntimeError("pconv_cuda ONNX export: a multi-channel mask_update needs the mask's channel count")
     m_dtype = b.dtype(mask)
@@ -212,8 +214,8 @@ def _lower_mask_update(b: _Builder, mask, kernel_size, stride, padding, dilation
 
 # --- dynamo exporter (torch.export + ONNX Script) ---------------------------------------------------------------
 
-def _onnxscript_partial_conv2d(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
-    return _lower_partial_conv2d(_OnnxScriptBuilder(), input, mask, weight, bias, list(stride), list(padding),
+def _onnxscript_partial_conv(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    return _lower_partial_conv(_OnnxScriptBuilder(), input, mask, weight, bias, list(stride), list(padding),
                                  list(dilation), int(groups), bool(multi_channel))
 
 
@@ -228,7 +230,8 @@ def custom_translation_table() -> Dict[Callable, Callable]:
     import pconv_cuda  # noqa: F401  (registers the ops)
 
     return {
-        torch.ops.pconv_cuda.partial_conv2d.default: _onnxscript_partial_conv2d,
+        torch.ops.pconv_cuda.partial_conv2d.default: _onnxscript_partial_conv,
+        torch.ops.pconv_cuda.partial_conv3d.default: _onnxscript_partial_conv,
         torch.ops.pconv_cuda.mask_update.default: _onnxscript_mask_update,
     }
 
@@ -241,10 +244,10 @@ def _ints(value) -> List[int]:
     return [int(v) for v in symbolic_helper._maybe_get_const(value, "is")]
 
 
-def _torchscript_partial_conv2d(g, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+def _torchscript_partial_conv(g, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
     from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
 
-    return _lower_partial_conv2d(
+    return _lower_partial_conv(
         _TorchScriptBuilder(g), input, None if sh._is_none(mask) else mask, weight,
         None if sh._is_none(bias) else bias, _ints(stride), _ints(padding), _ints(dilation),
         int(sh._maybe_get_const(groups, "i")), bool(sh._maybe_get_const(multi_channel, "b")))
@@ -258,11 +261,11 @@ def _torchscript_mask_update(g, mask, kernel_size, stride, padding, dilation, mu
 
 
 def register_torchscript_symbolics(opset_version: int = TORCHSCRIPT_OPSET) -> None:
-    """Registers the symbolics of ``pconv_cuda::partial_conv2d`` and ``pconv_cuda::mask_update`` for
+    """Registers the symbolics of ``pconv_cuda::partial_conv2d``, ``partial_conv3d`` and ``mask_update`` for
     ``torch.onnx.export(..., dynamo=False)`` with ``torch.onnx.register_custom_op_symbolic``; they serve
     ``opset_version`` and later. Idempotent (a second registration replaces the first)."""
-    torch.onnx.register_custom_op_symbolic("pconv_cuda::partial_conv2d", _torchscript_partial_conv2d,
-                                           opset_version)
+    for op in ("partial_conv2d", "partial_conv3d"):
+        torch.onnx.register_custom_op_symbolic(f"pconv_cuda::{op}", _torchscript_partial_conv, opset_version)
     torch.onnx.register_custom_op_symbolic("pconv_cuda::mask_update", _torchscript_mask_update, opset_version)
 
 

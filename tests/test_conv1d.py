@@ -68,6 +68,25 @@ def test_forward_and_gradients_match_the_1d_formula(main_backend, case):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_every_backend_runs_the_1d_view(backend, case):
+    # What partial_conv1d calls, on each backend's op library (the CPU loops, the CUDA kernels, the CUDA kernels
+    # under the emulation): the 2-D op on a height-1 view, (1, k) windows, no vertical padding.
+    x, m, w, b, kw = make(case, backend.device)
+    k, stride, dilation = w.shape[2], kw["stride"], kw["dilation"]
+    padding = dilation * (k - 1) // 2 if kw["padding"] == "same" else kw["padding"]
+    leaves = [t.requires_grad_(True) for t in (x, w, b) if t is not None]
+    out, upd, _, _ = backend.ops.partial_conv2d(x.unsqueeze(2), None if m is None else m.unsqueeze(2),
+                                                w.unsqueeze(2), b, (1, stride), (0, padding), (1, dilation),
+                                                kw["groups"], kw["multi_channel"])
+    want, want_upd = oracle(x, m, w, b, **kw)
+    torch.testing.assert_close(out.squeeze(2), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(upd.squeeze(2), want_upd.to(upd.dtype), rtol=1e-12, atol=1e-12)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=want.dtype).to(want.device)
+    for a, e in zip(torch.autograd.grad(out.squeeze(2), leaves, grad), torch.autograd.grad(want, leaves, grad)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
 def test_gradcheck(main_backend):
     x, m, w, b, kw = make(CASES[1], main_backend.device)
     x, w, b = (t.detach().requires_grad_(True) for t in (x[:1, :, :9], w, b))

@@ -125,6 +125,34 @@ def test_partial_conv1d_module(multi_channel, dynamo, tmp_path):
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("mask_kind", ["single", "multi", "none"])
+def test_partial_conv3d_module(mask_kind, dynamo, tmp_path):
+    # The 3-D layer lowers to the same graph with 3-D Convs (kernel, pads, strides of three, a 5-D ones kernel).
+    torch.manual_seed(0)
+    multi = mask_kind == "multi"
+    layer = pconv_cuda.PartialConv3d(3, 4, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2), multi_channel=multi,
+                                     return_mask=True).eval()
+
+    def inputs(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, 4, 11, 10, generator=g)
+        if mask_kind == "none":
+            return (x,)
+        mask = (torch.rand(n, 3 if multi else 1, 4, 11, 10, generator=g) > 0.4).float()
+        mask[0, :, :, :5, :5] = 0  # whole windows of hole: S = 0 there
+        return (x.masked_fill(mask == 0, float("nan")), mask)
+
+    session = _export(layer, inputs(2, 1), tmp_path / "layer3d.onnx", dynamo)
+    for n in (2, 3):
+        args = inputs(n, 10 + n)
+        with torch.no_grad():
+            expected = _as_list(layer(*args))
+        got = _run(session, args)
+        torch.testing.assert_close(got[0], expected[0], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(got[1], expected[1].contiguous(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_float16(dynamo, tmp_path):
     # The graph renormalises in float32 (as the kernels do) and casts back: the output differs from PyTorch's by
     # the fp16 rounding of the convolution (eps 1e-3; outputs of order 1-5 here), hence 1e-2 / 1e-2.

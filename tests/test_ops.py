@@ -397,13 +397,17 @@ def test_opcheck_layouts_and_masks(backend, mask_kind, layout):
                               (m, s.kernel, s.stride, s.padding, s.dilation, s.multi_channel))
 
 
-@pytest.mark.parametrize("dims", [2, 1], ids=["2d", "1d"])
+@pytest.mark.parametrize("dims", [2, 1, 3], ids=["2d", "1d", "3d"])
 def test_torch_compile_fullgraph(main_backend, dims):
     device = main_backend.device
     if dims == 2:
         layer = pconv_cuda.PartialConv2d(4, 6, 3, padding=1, return_mask=True, multi_channel=True).to(device)
         x = torch.randn(2, 4, 9, 8, device=device, requires_grad=True)
         m = (torch.rand(2, 4, 9, 8, device=device) > 0.3).float()
+    elif dims == 3:
+        layer = pconv_cuda.PartialConv3d(4, 6, 3, padding=1, return_mask=True, multi_channel=True).to(device)
+        x = torch.randn(2, 4, 5, 6, 7, device=device, requires_grad=True)
+        m = (torch.rand(2, 4, 5, 6, 7, device=device) > 0.3).float()
     else:  # PartialConv1d: the 2-D op on a height-1 view
         layer = pconv_cuda.PartialConv1d(4, 6, 3, padding=1, return_mask=True).to(device)
         x = torch.randn(2, 4, 13, device=device, requires_grad=True)

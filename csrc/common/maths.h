@@ -91,8 +91,10 @@ C10_HOST_DEVICE inline void ratio_and_update(acc_t s, acc_t win, acc_t* ratio, a
   }
 }
 
-// Sum of one zero-padded (D, H, W) plane over the window of output pixel (od, oh, ow), taps in (depth, row,
-// column) order: the order every backend adds them in, so their sums agree bitwise.
+// Sum of one zero-padded (D, H, W) plane over the window of output pixel (od, oh, ow): for each in-bounds (depth,
+// row) of the window, the sum of its in-bounds columns, added in (depth, row) order. Every backend adds in this
+// association (the CPU forms the row sums once per input row and shares them between windows), so their sums
+// agree bitwise.
 template <typename acc_t, typename plane_t>
 C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t D, int64_t H, int64_t W, const Window& w,
                                         int64_t od, int64_t oh, int64_t ow) {
@@ -106,11 +108,13 @@ C10_HOST_DEVICE inline acc_t window_sum(const plane_t* plane, int64_t D, int64_t
     for (int64_t i = 0; i < w.kh; ++i) {
       const int64_t h = h0 + i * w.dh;
       if (h < 0 || h >= H) continue;
+      acc_t row = acc_t(0);
       for (int64_t j = 0; j < w.kw; ++j) {
         const int64_t x = w0 + j * w.dw;
         if (x < 0 || x >= W) continue;
-        s += static_cast<acc_t>(plane[(d * H + h) * W + x]);
+        row += static_cast<acc_t>(plane[(d * H + h) * W + x]);
       }
+      s += row;
     }
   }
   return s;

@@ -104,10 +104,11 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
   return !invalid.load();
 }
 
-// S per output pixel from the channel-summed plane, then ratio and U. The window sums of a whole output row are
-// formed tap by tap, each tap a loop over the output columns it keeps inside the plane: branch-free and
-// vectorisable, where window_sum per pixel tests every tap. Each S still adds its in-bounds taps in window_sum's
-// (depth, row, column) order, so the sums are bitwise those of the CUDA kernel. A row is (n, od, oh).
+// S per output pixel from the channel-summed plane, then ratio and U, in two vectorisable passes: the row sums
+// R[n, d, h, ow] (the window's columns of output column ow, on input row (d, h)), formed tap by tap over the output
+// columns each tap keeps inside the row; then S = the sum of R over the window's in-bounds (depth, row) pairs, a
+// contiguous add per pair. kw + kd*kh adds per output pixel instead of kd*kh*kw, and none of them tests bounds.
+// The association is window_sum's (maths.h): the sums are bitwise those of the CUDA kernel.
 template <typename acc_t, typename update_t>
 void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t* updated_mask) {
   const acc_t win = static_cast<acc_t>(g.window_size());
@@ -118,8 +119,21 @@ void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t*
     col_begin[j] = std::min(g.Wo, offset >= 0 ? 0 : (-offset + w.sw - 1) / w.sw);
     col_end[j] = g.W - 1 - offset < 0 ? 0 : std::min(g.Wo, (g.W - 1 - offset) / w.sw + 1);
   }
-  const int64_t rows = g.mask_batch * g.Do * g.Ho;
-  at::parallel_for(0, rows, grain_for(g.Wo * w.kd * w.kh * w.kw), [&](int64_t begin, int64_t end) {
+  const int64_t input_rows = g.mask_batch * g.D * g.H;
+  std::vector<acc_t> row_sums(input_rows * g.Wo);
+  at::parallel_for(0, input_rows, grain_for(g.Wo * w.kw), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* line = plane + r * g.W;
+      acc_t* sums = row_sums.data() + r * g.Wo;
+      std::fill(sums, sums + g.Wo, acc_t(0));
+      for (int64_t j = 0; j < w.kw; ++j) {
+        const int64_t offset = j * w.dw - w.pw;
+        for (int64_t ow = col_begin[j]; ow < col_end[j]; ++ow) sums[ow] += line[ow * w.sw + offset];
+      }
+    }
+  });
+  const int64_t output_rows = g.mask_batch * g.Do * g.Ho;  // (n, od, oh)
+  at::parallel_for(0, output_rows, grain_for(g.Wo * w.kd * w.kh), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s(g.Wo);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t image = row / g.Ho, oh = row % g.Ho;  // image = n * Do + od
@@ -131,11 +145,8 @@ void ratio_kernel(const acc_t* plane, const Geometry& g, acc_t* ratio, update_t*
         for (int64_t i = 0; i < w.kh; ++i) {
           const int64_t h = oh * w.sh - w.ph + i * w.dh;
           if (h < 0 || h >= g.H) continue;
-          const acc_t* line = plane + ((n * g.D + d) * g.H + h) * g.W;
-          for (int64_t j = 0; j < w.kw; ++j) {
-            const int64_t offset = j * w.dw - w.pw;
-            for (int64_t ow = col_begin[j]; ow < col_end[j]; ++ow) s[ow] += line[ow * w.sw + offset];
-          }
+          const acc_t* sums = row_sums.data() + ((n * g.D + d) * g.H + h) * g.Wo;
+          for (int64_t ow = 0; ow < g.Wo; ++ow) s[ow] += sums[ow];
         }
       }
       for (int64_t ow = 0; ow < g.Wo; ++ow) {
