@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run. Builds pconv_cuda for the local GPU only (fast); runs the whole test suite
 # (failures and errors listed); then the benchmarks on CUDA (fp32 and bf16, batch 1 and 8, both CUDA routes), the
-# per-call host overhead and the whole U-Net. Results go to $RESULTS (default docs/): bench_cuda_<dtype>.{json,md,png},
+# per-call host overhead, the whole U-Net and the 3-D layers. Results go to $RESULTS (default docs/):
+# bench_cuda_<dtype>.{json,md,png}, bench_cuda_3d.{json,md},
 # overhead_cuda.json, bench_model_cuda.json, tests.log. Every stage is timed and bounded, so the run fits a lease;
 # later stages run even if earlier ones fail.
 #   scripts/gpu_check.sh     PY (default .venv/bin/python, else python3: a machine whose torch is already there),
@@ -79,6 +80,8 @@ stage "bench host overhead" "${BENCH_LIMIT:-120}" "$PY" benchmarks/overhead.py -
     --json "$RESULTS/overhead_cuda.json"
 stage "bench U-Net" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 \
     --json "$RESULTS/bench_model_cuda.json"
+stage "bench 3-D" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --dims 3 --devices cuda --batch 1 4 \
+    --cuda-routes aten_conv --json "$RESULTS/bench_cuda_3d.json" --markdown "$RESULTS/bench_cuda_3d.md"
 
 echo "=== times"
 for line in "${stage_times[@]}"; do echo "  $line"; done
