@@ -16,6 +16,14 @@ namespace {
 
 struct CudaLaunch {
   cudaStream_t stream;
+  // major * 10 + minor of the current device: which tensor-core fragments its kernels may use.
+  static int compute_capability() {
+    const int device = c10::cuda::current_device();
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    return major * 10 + minor;
+  }
   template <typename... KArgs>
   void operator()(void (*kernel)(KArgs...), const LaunchConfig& cfg, std::type_identity_t<KArgs>... args) {
     if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0) return;  // empty tensors

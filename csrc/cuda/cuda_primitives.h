@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../common/op_flow.h"
@@ -178,14 +179,31 @@ struct CudaPrimitives {
     });
   }
 
-  static GemmShape gemm_shape(const Geometry& g) {
+  static GemmShape gemm_shape(const Geometry& g, int64_t tile_m) {
     const int64_t taps = g.win.kh * g.win.kw;
     return GemmShape{g,
                      FastDivmod(static_cast<uint32_t>(taps)),
                      FastDivmod(static_cast<uint32_t>(g.win.kw)),
                      FastDivmod(static_cast<uint32_t>(std::max<int64_t>(1, g.Ho * g.Wo))),
                      FastDivmod(static_cast<uint32_t>(g.Wo)),
-                     ceil_div(g.C_out / g.groups, kTileM)};
+                     ceil_div(g.C_out / g.groups, tile_m)};
+  }
+
+  // Whether the gemm route runs on tensor cores (mma_conv_kernel) for this dtype: half from sm_70, bfloat16 from
+  // sm_80, float as TF32 from sm_80 and only while cuDNN may use TF32 for convolutions
+  // (torch.backends.cudnn.allow_tf32): otherwise float (strict FP32) and double run the FMA kernel.
+  bool tensor_cores(at::ScalarType dtype) const {
+    const int cc = launch.compute_capability();
+    switch (dtype) {
+      case at::kHalf:
+        return cc >= 70;
+      case at::kBFloat16:
+        return cc >= 80;
+      case at::kFloat:
+        return cc >= 80 && at::globalContext().allowTF32CuDNN();
+      default:
+        return false;
+    }
   }
 
   bool gemm_supported(const Geometry& g, const Tensor& conv_in) {
@@ -195,11 +213,14 @@ struct CudaPrimitives {
   }
 
   // cuDNN (with our passes) unless the user asked for benchmark mode (torch.backends.cudnn.benchmark), where the
-  // gemm kernel competes and the faster route is cached per shape. A strict-FP32 kernel does not compete with
-  // TF32 convolutions: the results would differ, not just the speed.
+  // gemm kernel competes and the faster route is cached per shape. Both sides compute in the same precision: with
+  // TF32 allowed, float runs the gemm route as TF32 on tensor cores, so only a device without TF32 (strict FP32
+  // FMA kernel against TF32 cuDNN: the results would differ, not just the speed) keeps cuDNN.
   std::vector<Route> auto_candidates(const Geometry& g, const Tensor& conv_in, bool supported) {
     const bool tf32 = conv_in.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN();
-    if (!supported || !at::globalContext().benchmarkCuDNN() || tf32) return {Route::AtenConv};
+    if (!supported || !at::globalContext().benchmarkCuDNN() || (tf32 && !tensor_cores(at::kFloat))) {
+      return {Route::AtenConv};
+    }
     return {Route::AtenConv, Route::Gemm};
   }
 
@@ -207,12 +228,25 @@ struct CudaPrimitives {
                    const Tensor& updated_mask, const Geometry& g) {
     Tensor out = at::empty({g.N, g.C_out, g.Ho, g.Wo}, conv_in.options());
     const Tensor w = weight.contiguous();
-    const GemmShape s = gemm_shape(g);
+    const bool mma = tensor_cores(conv_in.scalar_type());
+    const GemmShape s = gemm_shape(g, mma ? kMmaTileM : kTileM);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv_in.scalar_type(), "pconv_gemm", [&] {
       using acc_t = acc_type_t<scalar_t>;
-      launch(gemm_conv_kernel<scalar_t>, gemm_conv_config(s), conv_in.const_data_ptr<scalar_t>(),
-             w.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bias), ratio.const_data_ptr<acc_t>(),
-             updated_mask.const_data_ptr<scalar_t>(), s, out.mutable_data_ptr<scalar_t>());
+      const scalar_t* xp = conv_in.const_data_ptr<scalar_t>();
+      const scalar_t* wp = w.const_data_ptr<scalar_t>();
+      const scalar_t* bp = ptr_or_null<scalar_t>(bias);
+      const acc_t* rp = ratio.const_data_ptr<acc_t>();
+      const scalar_t* up = updated_mask.const_data_ptr<scalar_t>();
+      scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        launch(gemm_conv_kernel<scalar_t>, gemm_conv_config(s), xp, wp, bp, rp, up, s, yp);
+      } else {
+        if (mma) {
+          launch(mma_conv_kernel<scalar_t>, mma_conv_config(s), xp, wp, bp, rp, up, s, yp);
+        } else {
+          launch(gemm_conv_kernel<scalar_t>, gemm_conv_config(s), xp, wp, bp, rp, up, s, yp);
+        }
+      }
     });
     return out;
   }

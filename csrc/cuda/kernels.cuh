@@ -10,9 +10,19 @@
 // when the run length and every pointer allow it. Half types compute in float (acc_t).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
 
 #include "../common/maths.h"
 
@@ -495,6 +505,205 @@ inline LaunchConfig gemm_conv_config(const GemmShape& s) {
   const int64_t pixel_tiles = ceil_div(s.g.N * s.g.Ho * s.g.Wo, kTileN);
   return {dim3(static_cast<unsigned>(pixel_tiles), static_cast<unsigned>(s.tiles_per_group * s.g.groups)),
           dim3(kTileN, kTileK), 0, true};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// gemm route on tensor cores: the same implicit GEMM (output channels x output pixels, K = C_in/groups*kh*kw) and
+// fused epilogue, with nvcuda::wmma: half and bfloat16 operands as m16n16k16, float operands as TF32 m16n16k8
+// (only where TF32 is allowed: CudaPrimitives::tensor_cores), float accumulators. A block of 4 warps computes 64
+// output channels x 64 output pixels, each warp 32 x 32 (2 x 2 fragments); per stage of 32 K it stages the
+// weights (row-major, K contiguous) and the gathered input (K x pixels, zero padding) in shared memory, then
+// accumulates from there. The accumulators go through shared memory to the epilogue, so each thread writes one
+// pixel's outputs (coalesced along pixels) whatever the fragments' element layout.
+constexpr int kMmaTileM = 64;
+constexpr int kMmaTileN = 64;
+constexpr int kMmaTileK = 32;
+constexpr int kMmaThreads = 128;  // 4 warps, 2 x 2 over the tile
+
+// The WMMA operand type of an input dtype: its fragment type, its K per mma_sync, and the padding of the shared
+// tiles' rows (16 bytes: keeps ldm a multiple of 16 bytes and fragment rows 32-byte aligned, and staggers banks).
+template <typename scalar_t>
+struct MmaOperand;
+template <>
+struct MmaOperand<c10::Half> {
+#if defined(__CUDACC__)
+  using fragment_t = __half;
+#else
+  using fragment_t = c10::Half;
+#endif
+  using storage_t = c10::Half;  // same bits as __half
+  using memory_t = fragment_t;  // what load_matrix_sync reads
+  static constexpr int K = 16, pad = 8;
+};
+template <>
+struct MmaOperand<c10::BFloat16> {
+#if defined(__CUDACC__)
+  using fragment_t = __nv_bfloat16;
+#else
+  using fragment_t = c10::BFloat16;
+#endif
+  using storage_t = c10::BFloat16;  // same bits as __nv_bfloat16
+  using memory_t = fragment_t;
+  static constexpr int K = 16, pad = 8;
+};
+// TF32 fragments exist from sm_80 (and in nvcc's host pass, as mma.h declares them); the emulation has them. Below
+// sm_80 the float operand is never used (the kernel traps, the host does not launch it).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define PCONV_TF32_MMA 1
+#endif
+template <>
+struct MmaOperand<float> {
+#if defined(PCONV_TF32_MMA)
+  using fragment_t = nvcuda::wmma::precision::tf32;
+  __device__ static float to_operand(float v) { return nvcuda::wmma::__float_to_tf32(v); }
+#else
+  using fragment_t = float;
+  __device__ static float to_operand(float v) { return v; }
+#endif
+  using storage_t = float;
+  using memory_t = float;
+  static constexpr int K = 8, pad = 4;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ void mma_conv_tile(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                                              const scalar_t* __restrict__ bias,
+                                              const acc_type_t<scalar_t>* __restrict__ ratio,
+                                              const scalar_t* __restrict__ updated_mask, const GemmShape& s,
+                                              scalar_t* __restrict__ y) {
+  {
+    namespace wmma = nvcuda::wmma;
+    using acc_t = acc_type_t<scalar_t>;
+    using Op = MmaOperand<scalar_t>;
+    using T = typename Op::storage_t;
+    constexpr int KS = Op::K;
+    constexpr int LDA = kMmaTileK + Op::pad;  // weights: [M][K]
+    constexpr int LDB = kMmaTileN + Op::pad;  // gathered input: [K][N]
+    constexpr int LDC = kMmaTileN + 4;        // accumulators: float [M][N]
+    using FragA = wmma::fragment<wmma::matrix_a, 16, 16, KS, typename Op::fragment_t, wmma::row_major>;
+    using FragB = wmma::fragment<wmma::matrix_b, 16, 16, KS, typename Op::fragment_t, wmma::row_major>;
+    using FragC = wmma::fragment<wmma::accumulator, 16, 16, KS, float>;
+    using E = typename Op::memory_t;
+    struct alignas(32) Tiles {  // each array a multiple of 32 bytes: every fragment pointer 32-byte aligned
+      T a[kMmaTileM * LDA];
+      T b[kMmaTileK * LDB];
+      float c[kMmaTileM * LDC];
+    };
+    __shared__ Tiles tiles;
+    T* const a_tile = tiles.a;
+    T* const b_tile = tiles.b;
+    float* const c_tile = tiles.c;
+
+    const Geometry& g = s.g;
+    const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
+    const int col = tid % kMmaTileN, row0 = tid / kMmaTileN;  // this thread's pixel column, first K / M row
+    constexpr int kRowStep = kMmaThreads / kMmaTileN;
+    const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups;
+    const int64_t K = Cg * g.win.kh * g.win.kw;
+    const int64_t group = blockIdx.y / s.tiles_per_group, co0 = (blockIdx.y % s.tiles_per_group) * kMmaTileM;
+    const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W;
+    const int64_t pix = int64_t(blockIdx.x) * kMmaTileN + col;
+    const bool pix_ok = pix < g.N * HWo;
+    const uint32_t n = pix_ok ? s.hwo.div(static_cast<uint32_t>(pix)) : 0;
+    const uint32_t p = pix_ok ? s.hwo.mod(static_cast<uint32_t>(pix), n) : 0;
+    const uint32_t oh = s.wo.div(p), ow = s.wo.mod(p, oh);
+    const int64_t h0 = int64_t(oh) * g.win.sh - g.win.ph, w0 = int64_t(ow) * g.win.sw - g.win.pw;
+    const scalar_t* xg = x + (int64_t(n) * g.C_in + group * Cg) * HW;
+    const scalar_t* wg = w + group * Cog * K;
+
+    FragC acc[2][2];
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    for (int64_t k0 = 0; k0 < K; k0 += kMmaTileK) {
+      // Weights: consecutive threads read consecutive k of one output channel.
+      for (int e = tid; e < kMmaTileM * kMmaTileK; e += kMmaThreads) {
+        const int m = e / kMmaTileK, kk = e % kMmaTileK;
+        const int64_t co = co0 + m, k = k0 + kk;
+        a_tile[m * LDA + kk] = co < Cog && k < K ? static_cast<T>(wg[co * K + k]) : T(0);
+      }
+      // Input: this thread's pixel, every kRowStep-th k of the stage.
+      for (int kk = row0; kk < kMmaTileK; kk += kRowStep) {
+        const int64_t k = k0 + kk;
+        T v = T(0);
+        if (pix_ok && k < K) {
+          const uint32_t c = s.taps.div(static_cast<uint32_t>(k)), tap = s.taps.mod(static_cast<uint32_t>(k), c);
+          const uint32_t i = s.kw.div(tap), j = s.kw.mod(tap, i);
+          const int64_t h = h0 + int64_t(i) * g.win.dh, wc = w0 + int64_t(j) * g.win.dw;
+          if (h >= 0 && h < g.H && wc >= 0 && wc < g.W) v = static_cast<T>(xg[int64_t(c) * HW + h * g.W + wc]);
+        }
+        b_tile[kk * LDB + col] = v;
+      }
+      __syncthreads();
+      for (int kk = 0; kk < kMmaTileK; kk += KS) {
+        FragA a[2];
+        FragB b[2];
+        for (int i = 0; i < 2; ++i) {
+          wmma::load_matrix_sync(a[i], reinterpret_cast<const E*>(a_tile + (wm * 32 + i * 16) * LDA + kk), LDA);
+          wmma::load_matrix_sync(b[i], reinterpret_cast<const E*>(b_tile + kk * LDB + wn * 32 + i * 16), LDB);
+          if constexpr (std::is_same_v<scalar_t, float>) {  // TF32: operands rounded as the guide asks
+            for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = Op::to_operand(a[i].x[t]);
+            for (int t = 0; t < b[i].num_elements; ++t) b[i].x[t] = Op::to_operand(b[i].x[t]);
+          }
+        }
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      }
+      __syncthreads();
+    }
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(c_tile + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[i][j], LDC,
+                                wmma::mem_row_major);
+    __syncthreads();
+    if (!pix_ok) return;
+    const int64_t mi = (g.mask_batch == 1 ? 0 : int64_t(n)) * HWo + p;
+    const acc_t r_val = ratio[mi], u_val = static_cast<acc_t>(updated_mask[mi]);
+    for (int m = row0; m < kMmaTileM; m += kRowStep) {
+      const int64_t co = co0 + m;
+      if (co >= Cog) break;
+      const int64_t oc = group * Cog + co;
+      const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+      y[(int64_t(n) * g.C_out + oc) * HWo + p] =
+          static_cast<scalar_t>(renormalise(static_cast<acc_t>(c_tile[m * LDC + col]), r_val, b, u_val));
+    }
+  }
+}
+
+// Below sm_80 only half has tensor-core fragments: the other dtypes' kernels trap there (the host never launches
+// them: CudaPrimitives::tensor_cores), and their fragment types are never instantiated for those archs.
+template <typename scalar_t>
+struct MmaBelowAmpere {
+  __device__ static void run(const scalar_t*, const scalar_t*, const scalar_t*, const acc_type_t<scalar_t>*,
+                             const scalar_t*, const GemmShape&, scalar_t*) {
+#if defined(__CUDA_ARCH__)
+    __trap();
+#endif
+  }
+};
+template <>
+struct MmaBelowAmpere<c10::Half> {
+  __device__ static void run(const c10::Half* x, const c10::Half* w, const c10::Half* bias, const float* ratio,
+                             const c10::Half* updated_mask, const GemmShape& s, c10::Half* y) {
+    mma_conv_tile(x, w, bias, ratio, updated_mask, s, y);
+  }
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMmaThreads)
+    mma_conv_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                    const scalar_t* __restrict__ bias, const acc_type_t<scalar_t>* __restrict__ ratio,
+                    const scalar_t* __restrict__ updated_mask, GemmShape s, scalar_t* __restrict__ y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  MmaBelowAmpere<scalar_t>::run(x, w, bias, ratio, updated_mask, s, y);
+#else
+  mma_conv_tile(x, w, bias, ratio, updated_mask, s, y);
+#endif
+}
+
+inline LaunchConfig mma_conv_config(const GemmShape& s) {
+  const int64_t pixel_tiles = ceil_div(s.g.N * s.g.Ho * s.g.Wo, kMmaTileN);
+  return {dim3(static_cast<unsigned>(pixel_tiles), static_cast<unsigned>(s.tiles_per_group * s.g.groups)),
+          dim3(kMmaThreads), 0, true};
 }
 
 }  // namespace cuda

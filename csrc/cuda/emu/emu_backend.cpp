@@ -26,6 +26,8 @@ using at::Tensor;
 
 // Runs a kernel over its grid: blocks spread over the CPU threads, the threads of a block as fibers.
 struct EmuLaunch {
+  // The emulation runs every kernel, WMMA included (bfloat16 and TF32 fragments need sm_80 on a GPU).
+  static int compute_capability() { return 90; }
   template <typename... KArgs>
   void operator()(void (*kernel)(KArgs...), const cuda::LaunchConfig& cfg, std::type_identity_t<KArgs>... args) {
     const std::function<void()> body = [&] { kernel(args...); };
