@@ -305,25 +305,48 @@ def test_no_tuning_for_a_forced_route(tuner, monkeypatch):
     assert routes.tuned_routes(_ns=EMU) == []
 
 
-def test_strict_fp32_does_not_compete_with_tf32(tuner):
+def test_strict_fp32_does_not_compete_with_tf32(tuner, monkeypatch):
     tuner._set_route_timer("aten_conv=2,gemm=1")
     s = Sample("tf32", h=12, w=11)
     torch.backends.cudnn.allow_tf32 = True
+    # Below sm_80 the gemm route has no TF32 fragments: strict FP32 would race TF32 cuDNN, so nothing tunes.
+    monkeypatch.setenv("PCONV_EMU_COMPUTE_CAPABILITY", "75")
     out, route = emu_call(s, torch.float32)
     assert route == "aten_conv"
     assert routes.tuned_routes(_ns=EMU) == []
+    # From sm_80 the gemm route is TF32 too (the tensor-core kernel): both sides compute alike, so they tune.
+    monkeypatch.setenv("PCONV_EMU_COMPUTE_CAPABILITY", "90")
+    out_tf32, route = emu_call(s, torch.float32)
+    assert route == "gemm"
+    entries = routes.tuned_routes(_ns=EMU)
+    assert len(entries) == 1 and "tf32=1" in entries[0] and entries[0].endswith("-> gemm"), entries
+    torch.testing.assert_close(out_tf32, forced_emu_call("gemm", s, torch.float32), rtol=0, atol=0)
     # float64 is not subject to TF32: it tunes.
     out64, route = emu_call(s, torch.float64)
     assert route == "gemm"
     entries = routes.tuned_routes(_ns=EMU)
-    assert len(entries) == 1 and "Double" in entries[0] and entries[0].endswith("-> gemm"), entries
+    assert len(entries) == 2 and any("Double" in e and e.endswith("-> gemm") for e in entries), entries
     torch.testing.assert_close(out64, forced_emu_call("gemm", s), **F64)
-    # float32 with TF32 off (strict on both routes) tunes too.
+    # float32 with TF32 off (strict on both routes) tunes apart from the TF32 entry.
     torch.backends.cudnn.allow_tf32 = False
     out32, route = emu_call(s, torch.float32)
     assert route == "gemm"
-    assert len(routes.tuned_routes(_ns=EMU)) == 2
+    assert len(routes.tuned_routes(_ns=EMU)) == 3
     torch.testing.assert_close(out32, forced_emu_call("gemm", s, torch.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_older_gpus_run_the_fma_kernel(dtype, monkeypatch):
+    # On an sm_75 GPU bfloat16 has no tensor-core fragments (fp16 does): the gemm route must run the FMA kernel
+    # there, with the same results within the dtype's rounding (the two kernels only add in another order).
+    if emu_unavailable():
+        pytest.skip(emu_unavailable())
+    s = Sample("older_gpu", c_out=70, h=9, w=8)
+    monkeypatch.setenv("PCONV_EMU_COMPUTE_CAPABILITY", "75")
+    old = forced_emu_call("gemm", s, dtype)
+    monkeypatch.setenv("PCONV_EMU_COMPUTE_CAPABILITY", "90")
+    new = forced_emu_call("gemm", s, dtype)
+    torch.testing.assert_close(old.float(), new.float(), rtol=2 * 2.0**-8, atol=2 * 2.0**-8)
 
 
 def test_channels_last_is_not_tuned(tuner):

@@ -8,6 +8,7 @@
 
 #include <bit>
 #include <chrono>
+#include <cstdlib>
 #include <functional>
 #include <type_traits>
 
@@ -26,8 +27,12 @@ using at::Tensor;
 
 // Runs a kernel over its grid: blocks spread over the CPU threads, the threads of a block as fibers.
 struct EmuLaunch {
-  // The emulation runs every kernel, WMMA included (bfloat16 and TF32 fragments need sm_80 on a GPU).
-  static int compute_capability() { return 90; }
+  // The GPU the emulation stands for: sm_90 (every kernel, WMMA included, runs here), or PCONV_EMU_COMPUTE_CAPABILITY
+  // (e.g. 75) to test the host's choices for an older GPU (no bfloat16 or TF32 fragments below 80).
+  static int compute_capability() {
+    const char* env = std::getenv("PCONV_EMU_COMPUTE_CAPABILITY");
+    return env != nullptr && *env != '\0' ? std::atoi(env) : 90;
+  }
   template <typename... KArgs>
   void operator()(void (*kernel)(KArgs...), const cuda::LaunchConfig& cfg, std::type_identity_t<KArgs>... args) {
     const std::function<void()> body = [&] { kernel(args...); };
