@@ -79,3 +79,55 @@ def test_half_types_on_the_tile_edges(gemm_backend, s, dtype):
     want, _, _ = oracle(x, m, w, b, s)
     magnitude, _, _ = oracle(x, m, w, b, s, magnitude=True)
     assert_rounding_close(out, want, magnitude, dtype, 4, summed_terms(s)["output"], f"{dtype} output")
+
+
+def _conv_grads(g, xm, w, s, mask):
+    """(grad_input * M, grad_weight) of the convolution in float64 from the given operands."""
+    dx, dw, _ = torch.ops.aten.convolution_backward(g.double(), xm.double(), w.double(), None, list(s.stride),
+                                                    list(s.padding), list(s.dilation), False, [0, 0], s.groups,
+                                                    [True, True, False])
+    return dx * mask.double(), dw
+
+
+@pytest.mark.parametrize("s", SAMPLES, ids=str)
+def test_tf32_backward_runs_on_tensor_cores(gemm_backend, s, tf32):
+    # The forced gemm route's backward: dX = M * (W^T G) and dW = G (X*M)^T on tensor cores, G = dY * ratio from the
+    # grad_output pass (float32). With TF32 its operands are rounded: within float32 accumulation's bound of float64
+    # on the rounded G, W and X*M, and measurably off the exact gradients.
+    x, m, w, b = make_inputs(s, torch.float32, gemm_backend.device, requires_grad=True)
+    out, _, ratio, xm = gemm_backend.ops.partial_conv2d(x, m, w, b, s.stride, s.padding, s.dilation, s.groups,
+                                                        s.multi_channel)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
+    gx, gw = torch.autograd.grad(out, (x, w), dy)
+    g = dy * ratio
+    want_dx, want_dw = _conv_grads(tf32_round(g), tf32_round(xm.detach()), tf32_round(w.detach()), s, m)
+    mag_dx, mag_dw = _conv_grads(tf32_round(g).abs(), tf32_round(xm.detach()).abs(), tf32_round(w.detach()).abs(),
+                                 s, m)
+    terms = summed_terms(s)
+    assert_rounding_close(gx, want_dx.cpu(), mag_dx.cpu(), torch.float32, 2, terms["input"], "tf32 grad_input")
+    assert_rounding_close(gw, want_dw.cpu(), mag_dw.cpu(), torch.float32, 2, terms["weight"], "tf32 grad_weight")
+    # The exact gradients are outside float32's bound somewhere: the operands were rounded to TF32.
+    exact_dx, exact_dw = _conv_grads(g, xm.detach(), w.detach(), s, m)
+    fp32 = 2.0**-24
+    assert ((gx.double() - exact_dx).abs() > (2 + terms["input"]) * fp32 * mag_dx).any()
+    assert ((gw.double() - exact_dw).abs() > (2 + terms["weight"]) * fp32 * mag_dw).any()
+    assert (gx[(m == 0).expand_as(gx)] == 0).all()  # holes exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_without_mask_and_deterministic(gemm_backend, dtype):
+    # mask=None (no hole zeroing), and the split-K weight gradient added in a fixed order: bitwise repeatable.
+    s = Sample("none", n=3, c_in=5, c_out=70, h=17, w=15, mask="none")
+    x, m, w, b = make_inputs(s, dtype, gemm_backend.device, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out, _, _, _ = gemm_backend.ops.partial_conv2d(x, m, w, b, s.stride, s.padding, s.dilation, s.groups, False)
+        dy = torch.ones_like(out)
+        runs.append(torch.autograd.grad(out, (x, w), dy))
+    for a, c in zip(*runs):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    want_out, _, want = oracle(x, m, w, b, s, torch.ones_like(out))
+    _, _, magnitude = oracle(x, m, w, b, s, torch.ones_like(out), magnitude=True)
+    terms = summed_terms(s)
+    assert_rounding_close(runs[0][0], want["input"], magnitude["input"], dtype, 3, terms["input"], "grad_input")
+    assert_rounding_close(runs[0][1], want["weight"], magnitude["weight"], dtype, 3, terms["weight"], "grad_weight")

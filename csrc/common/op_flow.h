@@ -14,6 +14,8 @@
 //   void grad_output(dy, gy, db, ratio, updated_mask, g)  gy = dY * ratio; db = sum dY * U when db is defined
 //   bool gemm_supported(g, conv_in)                       whether the gemm route can run this call
 //   Tensor gemm_conv(conv_in, weight, bias, ratio, updated_mask, g)   the gemm route's finished output
+//   bool gemm_backward(gy, conv_in, mask, weight, g, dx*, dw*)   the forced gemm route's backward: dX (holes
+//                                                         zeroed) and dW from G and X*M; false where it has none
 //   std::vector<Route> auto_candidates(g, conv_in, supported)   one route, or several to time (autotuning)
 //   double time_ms(fn)                                    runs fn and times it
 //
@@ -177,18 +179,26 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
 
   Tensor dx, dw;
   if (need_input || need_weight) {
-    // grad_input does not read the convolution's input values; grad_weight reads X*M, kept by the forward.
-    auto grads = at::convolution_backward(gy, masked_input.contiguous(fmt), weight, c10::nullopt, stride, padding,
-                                          dilation, /*transposed=*/false, std::vector<int64_t>(dims, 0), groups,
-                                          {need_input, need_weight, false});
-    if (need_input) {
-      dx = std::get<0>(grads).contiguous(fmt);
-      if (has(mask)) {  // dX = M * conv_transpose(G, W), zero in holes, in place
-        Tensor no_plane;
-        prim.mask_pass(mask->contiguous(fmt), dx, dx, no_plane);
+    const Tensor conv_in = masked_input.contiguous(fmt);
+    // The gemm route, when forced, has its own backward where the backend has one (CUDA: tensor cores).
+    const bool gemm = forced_route(Prim::device_type) == Route::Gemm &&
+                      prim.gemm_backward(gy, conv_in, has(mask) ? mask->contiguous(fmt) : Tensor(), weight, g,
+                                         need_input ? &dx : nullptr, need_weight ? &dw : nullptr);
+    if (!gemm) {
+      // grad_input does not read the convolution's input values; grad_weight reads X*M, kept by the forward.
+      auto grads = at::convolution_backward(gy, conv_in, weight, c10::nullopt, stride, padding, dilation,
+                                            /*transposed=*/false, std::vector<int64_t>(dims, 0), groups,
+                                            {need_input, need_weight, false});
+      if (need_input) {
+        dx = std::get<0>(grads).contiguous(fmt);
+        if (has(mask)) {  // dX = M * conv_transpose(G, W), zero in holes, in place
+          Tensor no_plane;
+          prim.mask_pass(mask->contiguous(fmt), dx, dx, no_plane);
+        }
       }
+      if (need_weight) dw = std::get<1>(grads);
     }
-    if (need_weight) dw = std::get<1>(grads).contiguous(weight.suggest_memory_format());
+    if (need_weight) dw = dw.contiguous(weight.suggest_memory_format());
   }
   return {dx, dw, db};
 }

@@ -379,6 +379,11 @@ struct CpuPrimitives {
     return {Route::AtenConv};
   }
 
+  // The backward always runs ATen's convolution backward on the CPU.
+  bool gemm_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Geometry&, Tensor*, Tensor*) {
+    return false;
+  }
+
   Tensor gemm_conv(const Tensor& conv_in, const Tensor& weight, const Tensor& bias, const Tensor& ratio,
                    const Tensor& updated_mask, const Geometry& g) {
     const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups, HWo = g.Ho * g.Wo;

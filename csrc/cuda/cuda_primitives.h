@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -249,6 +250,57 @@ struct CudaPrimitives {
       }
     });
     return out;
+  }
+
+  // The gemm route's backward on tensor cores: dX (M applied) and dW from G = dY * ratio and X*M (kernels.cuh,
+  // mma_dgrad_kernel / mma_wgrad_kernel). False, leaving dx and dw alone, where it cannot run: a dtype or GPU
+  // without tensor-core fragments (tensor_cores), channels_last, 3-D, or sizes past the kernels' index range.
+  bool gemm_backward(const Tensor& gy, const Tensor& conv_in, const Tensor& mask, const Tensor& weight,
+                     const Geometry& g, Tensor* dx, Tensor* dw) {
+    const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups, taps = g.win.kh * g.win.kw;
+    const bool nchw = layout_of(gy) == at::MemoryFormat::Contiguous && layout_of(conv_in) == at::MemoryFormat::Contiguous;
+    if (g.spatial_dims != 2 || !nchw || !tensor_cores(gy.scalar_type())) return false;
+    if (g.N * g.H * g.W > kMaxIndex32 || g.N * g.Ho * g.Wo > kMaxIndex32 || Cg * taps > kMaxIndex32 ||
+        Cog * taps > kMaxIndex32 || g.H + g.win.ph > kMaxIndex32 || g.W + g.win.pw > kMaxIndex32) {
+      return false;
+    }
+    const int64_t tiles_c = ceil_div(Cg, kMmaTileM), tiles_o = ceil_div(Cog, kMmaTileM);
+    if (tiles_c * g.groups > kMaxGridY || tiles_o * g.groups > kMaxGridY) return false;
+    const Tensor w = weight.contiguous();
+    MmaGradShape s{gemm_shape(g, kMmaTileM), FastDivmod(static_cast<uint32_t>(std::max<int64_t>(1, g.H * g.W))),
+                   FastDivmod(static_cast<uint32_t>(g.W)), FastDivmod(static_cast<uint32_t>(g.win.sh)),
+                   FastDivmod(static_cast<uint32_t>(g.win.sw)), 0};
+    if (dx != nullptr) {
+      *dx = at::empty(conv_in.sizes(), conv_in.options());
+      s.gemm.tiles_per_group = tiles_c;
+      const at::ScalarType mask_dtype = mask.defined() ? mask.scalar_type() : gy.scalar_type();
+      dispatch_input_and_mask(gy.scalar_type(), mask_dtype, [&]<typename x_t, typename mask_t>() {
+        if constexpr (!std::is_same_v<x_t, double>) {
+          launch(mma_dgrad_kernel<x_t, mask_t>, mma_dgrad_config(s), gy.const_data_ptr<x_t>(), w.const_data_ptr<x_t>(),
+                 ptr_or_null<mask_t>(mask), mask.defined() ? mask.size(0) : int64_t(1),
+                 mask.defined() ? mask.size(1) : int64_t(1), s, dx->mutable_data_ptr<x_t>());
+        }
+      });
+    }
+    if (dw != nullptr) {
+      // Split K (the N*H'*W' pixels) until ~2 blocks per SM of a large GPU run, each split at least 512 pixels.
+      const int64_t P = g.N * g.Ho * g.Wo, tiles = ceil_div(Cg * taps, kMmaTileN) * tiles_o * g.groups;
+      const int64_t splits = std::clamp<int64_t>(std::min(ceil_div(P, 512), ceil_div(264, tiles)), 1, kMaxGridY);
+      s.k_chunk = ceil_div(ceil_div(std::max<int64_t>(P, 1), splits), kMmaTileK) * kMmaTileK;
+      s.gemm.tiles_per_group = tiles_o;
+      const int64_t used = ceil_div(std::max<int64_t>(P, 1), s.k_chunk), count = g.C_out * Cg * taps;
+      Tensor partial = at::empty({used, count}, gy.options().dtype(at::kFloat));
+      *dw = at::empty(w.sizes(), w.options());
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gy.scalar_type(), "pconv_mma_wgrad", [&] {
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          launch(mma_wgrad_kernel<scalar_t>, mma_wgrad_config(s, used), gy.const_data_ptr<scalar_t>(),
+                 conv_in.const_data_ptr<scalar_t>(), s, partial.mutable_data_ptr<float>());
+          launch(mma_wgrad_reduce_kernel<scalar_t>, mma_wgrad_reduce_config(count), partial.const_data_ptr<float>(),
+                 used, count, dw->mutable_data_ptr<scalar_t>());
+        }
+      });
+    }
+    return true;
   }
 
   template <class Fn>

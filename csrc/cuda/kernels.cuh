@@ -520,8 +520,14 @@ constexpr int kMmaTileN = 64;
 constexpr int kMmaTileK = 32;
 constexpr int kMmaThreads = 128;  // 4 warps, 2 x 2 over the tile
 
-// The WMMA operand type of an input dtype: its fragment type, its K per mma_sync, and the padding of the shared
-// tiles' rows (16 bytes: keeps ldm a multiple of 16 bytes and fragment rows 32-byte aligned, and staggers banks).
+// The WMMA operand type of an input dtype: its fragment type, its K per mma_sync, the type load_matrix_sync reads,
+// and the padding of the shared tiles' rows (16 bytes: keeps ldm a multiple of 16 bytes and fragment rows 32-byte
+// aligned, and staggers banks). bfloat16 and TF32 fragments exist from sm_80 (and in nvcc's host pass); compiled
+// for an older arch their kernels use half fragments only so that they compile: they trap before any use
+// (mma_unsupported_arch), and the host never launches them there (CudaPrimitives::tensor_cores).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define PCONV_MMA_HALF_ONLY 1
+#endif
 template <typename scalar_t>
 struct MmaOperand;
 template <>
@@ -537,7 +543,9 @@ struct MmaOperand<c10::Half> {
 };
 template <>
 struct MmaOperand<c10::BFloat16> {
-#if defined(__CUDACC__)
+#if defined(PCONV_MMA_HALF_ONLY)
+  using fragment_t = __half;
+#elif defined(__CUDACC__)
   using fragment_t = __nv_bfloat16;
 #else
   using fragment_t = c10::BFloat16;
@@ -546,164 +554,299 @@ struct MmaOperand<c10::BFloat16> {
   using memory_t = fragment_t;
   static constexpr int K = 16, pad = 8;
 };
-// TF32 fragments exist from sm_80 (and in nvcc's host pass, as mma.h declares them); the emulation has them. Below
-// sm_80 the float operand is never used (the kernel traps, the host does not launch it).
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define PCONV_TF32_MMA 1
-#endif
 template <>
 struct MmaOperand<float> {
-#if defined(PCONV_TF32_MMA)
-  using fragment_t = nvcuda::wmma::precision::tf32;
-  __device__ static float to_operand(float v) { return nvcuda::wmma::__float_to_tf32(v); }
+#if defined(PCONV_MMA_HALF_ONLY)
+  using fragment_t = __half;
+  using memory_t = __half;
+  static constexpr int K = 16;
 #else
-  using fragment_t = float;
-  __device__ static float to_operand(float v) { return v; }
+  using fragment_t = nvcuda::wmma::precision::tf32;
+  using memory_t = float;
+  static constexpr int K = 8;
 #endif
   using storage_t = float;
-  using memory_t = float;
-  static constexpr int K = 8, pad = 4;
+  static constexpr int pad = 4;
 };
 
-template <typename scalar_t>
-__device__ __forceinline__ void mma_conv_tile(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
-                                              const scalar_t* __restrict__ bias,
-                                              const acc_type_t<scalar_t>* __restrict__ ratio,
-                                              const scalar_t* __restrict__ updated_mask, const GemmShape& s,
-                                              scalar_t* __restrict__ y) {
-  {
-    namespace wmma = nvcuda::wmma;
-    using acc_t = acc_type_t<scalar_t>;
-    using Op = MmaOperand<scalar_t>;
-    using T = typename Op::storage_t;
-    constexpr int KS = Op::K;
-    constexpr int LDA = kMmaTileK + Op::pad;  // weights: [M][K]
-    constexpr int LDB = kMmaTileN + Op::pad;  // gathered input: [K][N]
-    constexpr int LDC = kMmaTileN + 4;        // accumulators: float [M][N]
-    using FragA = wmma::fragment<wmma::matrix_a, 16, 16, KS, typename Op::fragment_t, wmma::row_major>;
-    using FragB = wmma::fragment<wmma::matrix_b, 16, 16, KS, typename Op::fragment_t, wmma::row_major>;
-    using FragC = wmma::fragment<wmma::accumulator, 16, 16, KS, float>;
-    using E = typename Op::memory_t;
-    struct alignas(32) Tiles {  // each array a multiple of 32 bytes: every fragment pointer 32-byte aligned
-      T a[kMmaTileM * LDA];
-      T b[kMmaTileK * LDB];
-      float c[kMmaTileM * LDC];
-    };
-    __shared__ Tiles tiles;
-    T* const a_tile = tiles.a;
-    T* const b_tile = tiles.b;
-    float* const c_tile = tiles.c;
-
-    const Geometry& g = s.g;
-    const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
-    const int col = tid % kMmaTileN, row0 = tid / kMmaTileN;  // this thread's pixel column, first K / M row
-    constexpr int kRowStep = kMmaThreads / kMmaTileN;
-    const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups;
-    const int64_t K = Cg * g.win.kh * g.win.kw;
-    const int64_t group = blockIdx.y / s.tiles_per_group, co0 = (blockIdx.y % s.tiles_per_group) * kMmaTileM;
-    const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W;
-    const int64_t pix = int64_t(blockIdx.x) * kMmaTileN + col;
-    const bool pix_ok = pix < g.N * HWo;
-    const uint32_t n = pix_ok ? s.hwo.div(static_cast<uint32_t>(pix)) : 0;
-    const uint32_t p = pix_ok ? s.hwo.mod(static_cast<uint32_t>(pix), n) : 0;
-    const uint32_t oh = s.wo.div(p), ow = s.wo.mod(p, oh);
-    const int64_t h0 = int64_t(oh) * g.win.sh - g.win.ph, w0 = int64_t(ow) * g.win.sw - g.win.pw;
-    const scalar_t* xg = x + (int64_t(n) * g.C_in + group * Cg) * HW;
-    const scalar_t* wg = w + group * Cog * K;
-
-    FragC acc[2][2];
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    for (int64_t k0 = 0; k0 < K; k0 += kMmaTileK) {
-      // Weights: consecutive threads read consecutive k of one output channel.
-      for (int e = tid; e < kMmaTileM * kMmaTileK; e += kMmaThreads) {
-        const int m = e / kMmaTileK, kk = e % kMmaTileK;
-        const int64_t co = co0 + m, k = k0 + kk;
-        a_tile[m * LDA + kk] = co < Cog && k < K ? static_cast<T>(wg[co * K + k]) : T(0);
-      }
-      // Input: this thread's pixel, every kRowStep-th k of the stage.
-      for (int kk = row0; kk < kMmaTileK; kk += kRowStep) {
-        const int64_t k = k0 + kk;
-        T v = T(0);
-        if (pix_ok && k < K) {
-          const uint32_t c = s.taps.div(static_cast<uint32_t>(k)), tap = s.taps.mod(static_cast<uint32_t>(k), c);
-          const uint32_t i = s.kw.div(tap), j = s.kw.mod(tap, i);
-          const int64_t h = h0 + int64_t(i) * g.win.dh, wc = w0 + int64_t(j) * g.win.dw;
-          if (h >= 0 && h < g.H && wc >= 0 && wc < g.W) v = static_cast<T>(xg[int64_t(c) * HW + h * g.W + wc]);
-        }
-        b_tile[kk * LDB + col] = v;
-      }
-      __syncthreads();
-      for (int kk = 0; kk < kMmaTileK; kk += KS) {
-        FragA a[2];
-        FragB b[2];
-        for (int i = 0; i < 2; ++i) {
-          wmma::load_matrix_sync(a[i], reinterpret_cast<const E*>(a_tile + (wm * 32 + i * 16) * LDA + kk), LDA);
-          wmma::load_matrix_sync(b[i], reinterpret_cast<const E*>(b_tile + kk * LDB + wn * 32 + i * 16), LDB);
-          if constexpr (std::is_same_v<scalar_t, float>) {  // TF32: operands rounded as the guide asks
-            for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = Op::to_operand(a[i].x[t]);
-            for (int t = 0; t < b[i].num_elements; ++t) b[i].x[t] = Op::to_operand(b[i].x[t]);
-          }
-        }
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-      }
-      __syncthreads();
-    }
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(c_tile + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[i][j], LDC,
-                                wmma::mem_row_major);
-    __syncthreads();
-    if (!pix_ok) return;
-    const int64_t mi = (g.mask_batch == 1 ? 0 : int64_t(n)) * HWo + p;
-    const acc_t r_val = ratio[mi], u_val = static_cast<acc_t>(updated_mask[mi]);
-    for (int m = row0; m < kMmaTileM; m += kRowStep) {
-      const int64_t co = co0 + m;
-      if (co >= Cog) break;
-      const int64_t oc = group * Cog + co;
-      const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
-      y[(int64_t(n) * g.C_out + oc) * HWo + p] =
-          static_cast<scalar_t>(renormalise(static_cast<acc_t>(c_tile[m * LDC + col]), r_val, b, u_val));
-    }
+// The TF32 operand rounding the guide asks for (cvt.rna.tf32.f32), applied to fragment elements.
+template <typename scalar_t, class Frag>
+__device__ __forceinline__ void to_mma_operand(Frag& f) {
+#if !defined(PCONV_MMA_HALF_ONLY)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
   }
+#endif
 }
 
-// Below sm_80 only half has tensor-core fragments: the other dtypes' kernels trap there (the host never launches
-// them: CudaPrimitives::tensor_cores), and their fragment types are never instantiated for those archs.
+// True, after a trap on a GPU, where this arch has no fragments for scalar_t (see MmaOperand).
 template <typename scalar_t>
-struct MmaBelowAmpere {
-  __device__ static void run(const scalar_t*, const scalar_t*, const scalar_t*, const acc_type_t<scalar_t>*,
-                             const scalar_t*, const GemmShape&, scalar_t*) {
-#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ bool mma_unsupported_arch() {
+#if defined(PCONV_MMA_HALF_ONLY)
+  if (!std::is_same_v<scalar_t, c10::Half>) {
     __trap();
+    return true;
+  }
 #endif
-  }
-};
-template <>
-struct MmaBelowAmpere<c10::Half> {
-  __device__ static void run(const c10::Half* x, const c10::Half* w, const c10::Half* bias, const float* ratio,
-                             const c10::Half* updated_mask, const GemmShape& s, c10::Half* y) {
-    mma_conv_tile(x, w, bias, ratio, updated_mask, s, y);
-  }
-};
+  return false;
+}
 
+// C[64][64] = sum over k in [k_begin, k_end) of A[m][k] * B[k][n] on tensor cores, by the 128 threads of a block:
+// load_a(m, k) and load_b(k, col) return the operands (zero outside the problem; T, the operand's storage type);
+// thread t gathers B for column t % 64 only, and store(m, col, value) receives every C element of that column
+// from the same thread. 4 warps x (2 x 2 fragments), K staged 32 at a time in padded shared memory; C goes through
+// shared memory, so no code depends on the fragments' element layout.
+template <typename scalar_t, class LoadA, class LoadB, class Store>
+__device__ __forceinline__ void mma_tile(int64_t k_begin, int64_t k_end, const LoadA& load_a, const LoadB& load_b,
+                                         const Store& store) {
+  namespace wmma = nvcuda::wmma;
+  using Op = MmaOperand<scalar_t>;
+  using T = typename Op::storage_t;
+  using E = typename Op::memory_t;
+  constexpr int KS = Op::K;
+  constexpr int LDA = kMmaTileK + Op::pad;  // A: [M][K]
+  constexpr int LDB = kMmaTileN + Op::pad;  // B: [K][N]
+  constexpr int LDC = kMmaTileN + 4;        // C: float [M][N]
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, KS, typename Op::fragment_t, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, KS, typename Op::fragment_t, wmma::row_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, KS, float>;
+  struct alignas(32) Tiles {  // each array a multiple of 32 bytes: every fragment pointer 32-byte aligned
+    T a[kMmaTileM * LDA];
+    T b[kMmaTileK * LDB];
+    float c[kMmaTileM * LDC];
+  };
+  __shared__ Tiles tiles;
+  const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  const int col = tid % kMmaTileN, row0 = tid / kMmaTileN;
+  constexpr int kRowStep = kMmaThreads / kMmaTileN;
+
+  FragC acc[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kMmaTileK) {
+    for (int e = tid; e < kMmaTileM * kMmaTileK; e += kMmaThreads) {  // consecutive threads: consecutive k
+      const int m = e / kMmaTileK, kk = e % kMmaTileK;
+      tiles.a[m * LDA + kk] = k0 + kk < k_end ? load_a(m, k0 + kk) : T(0);
+    }
+    for (int kk = row0; kk < kMmaTileK; kk += kRowStep) {
+      tiles.b[kk * LDB + col] = k0 + kk < k_end ? load_b(k0 + kk, col) : T(0);
+    }
+    __syncthreads();
+    for (int kk = 0; kk < kMmaTileK; kk += KS) {
+      FragA a[2];
+      FragB b[2];
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(a[i], reinterpret_cast<const E*>(tiles.a + (wm * 32 + i * 16) * LDA + kk), LDA);
+        wmma::load_matrix_sync(b[i], reinterpret_cast<const E*>(tiles.b + kk * LDB + wn * 32 + i * 16), LDB);
+        to_mma_operand<scalar_t>(a[i]);
+        to_mma_operand<scalar_t>(b[i]);
+      }
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(tiles.c + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[i][j], LDC,
+                              wmma::mem_row_major);
+  __syncthreads();
+  for (int m = row0; m < kMmaTileM; m += kRowStep) store(m, col, tiles.c[m * LDC + col]);
+}
+
+// Forward: C = W (output channels x K) times the gathered X*M (K x output pixels), then the epilogue.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMmaThreads)
     mma_conv_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                     const scalar_t* __restrict__ bias, const acc_type_t<scalar_t>* __restrict__ ratio,
                     const scalar_t* __restrict__ updated_mask, GemmShape s, scalar_t* __restrict__ y) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  MmaBelowAmpere<scalar_t>::run(x, w, bias, ratio, updated_mask, s, y);
-#else
-  mma_conv_tile(x, w, bias, ratio, updated_mask, s, y);
-#endif
+  if (mma_unsupported_arch<scalar_t>()) return;
+  using acc_t = acc_type_t<scalar_t>;
+  using T = typename MmaOperand<scalar_t>::storage_t;
+  const Geometry& g = s.g;
+  const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups;
+  const int64_t K = Cg * g.win.kh * g.win.kw;
+  const int64_t group = blockIdx.y / s.tiles_per_group, co0 = (blockIdx.y % s.tiles_per_group) * kMmaTileM;
+  const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W;
+  const int64_t pix = int64_t(blockIdx.x) * kMmaTileN + threadIdx.x % kMmaTileN;  // this thread's column
+  const bool pix_ok = pix < g.N * HWo;
+  const uint32_t n = pix_ok ? s.hwo.div(static_cast<uint32_t>(pix)) : 0;
+  const uint32_t p = pix_ok ? s.hwo.mod(static_cast<uint32_t>(pix), n) : 0;
+  const uint32_t oh = s.wo.div(p), ow = s.wo.mod(p, oh);
+  const int64_t h0 = int64_t(oh) * g.win.sh - g.win.ph, w0 = int64_t(ow) * g.win.sw - g.win.pw;
+  const scalar_t* xg = x + (int64_t(n) * g.C_in + group * Cg) * HW;
+  const scalar_t* wg = w + group * Cog * K;
+  const int64_t mi = (g.mask_batch == 1 ? 0 : int64_t(n)) * HWo + p;
+  const acc_t r_val = pix_ok ? ratio[mi] : acc_t(0);
+  const acc_t u_val = pix_ok ? static_cast<acc_t>(updated_mask[mi]) : acc_t(0);
+  mma_tile<scalar_t>(
+      0, K,
+      [&](int m, int64_t k) { return co0 + m < Cog ? static_cast<T>(wg[(co0 + m) * K + k]) : T(0); },
+      [&](int64_t k, int) {
+        if (!pix_ok) return T(0);
+        const uint32_t c = s.taps.div(static_cast<uint32_t>(k)), tap = s.taps.mod(static_cast<uint32_t>(k), c);
+        const uint32_t i = s.kw.div(tap), j = s.kw.mod(tap, i);
+        const int64_t h = h0 + int64_t(i) * g.win.dh, wc = w0 + int64_t(j) * g.win.dw;
+        return h >= 0 && h < g.H && wc >= 0 && wc < g.W ? static_cast<T>(xg[int64_t(c) * HW + h * g.W + wc]) : T(0);
+      },
+      [&](int m, int, float v) {
+        const int64_t co = co0 + m;
+        if (!pix_ok || co >= Cog) return;
+        const int64_t oc = group * Cog + co;
+        const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+        y[(int64_t(n) * g.C_out + oc) * HWo + p] =
+            static_cast<scalar_t>(renormalise(static_cast<acc_t>(v), r_val, b, u_val));
+      });
 }
 
 inline LaunchConfig mma_conv_config(const GemmShape& s) {
   const int64_t pixel_tiles = ceil_div(s.g.N * s.g.Ho * s.g.Wo, kMmaTileN);
   return {dim3(static_cast<unsigned>(pixel_tiles), static_cast<unsigned>(s.tiles_per_group * s.g.groups)),
           dim3(kMmaThreads), 0, true};
+}
+
+// The backward's GEMMs on tensor cores (the gemm route's backward, CudaPrimitives::gemm_backward). G = dY * ratio
+// comes from the grad_output pass.
+//   dgrad: dX = M * (W^T (input channels x K = C_out/groups*kh*kw) times G gathered at the input pixels (K x input
+//          pixels)); an input pixel reads G at (oh, ow) = ((h + ph - i*dh) / sh, (w + pw - j*dw) / sw) where those
+//          divide exactly. M is applied to the float accumulator (exact zero in holes).
+//   wgrad: dW = G (output channels x K = N*H'*W') times the gathered X*M (K x C_in/groups*kh*kw), K split over
+//          gridDim.z into float partial sums that mma_wgrad_reduce_kernel adds in a fixed order: deterministic, no
+//          atomics.
+struct MmaGradShape {
+  GemmShape gemm;    // g, taps, kw, hwo, wo; tiles_per_group over the GEMM's M (input or output channels)
+  FastDivmod hw;     // input pixel -> (image, pixel)
+  FastDivmod w;      // input pixel -> (h, w)
+  FastDivmod sh, sw; // strides: which output pixel an input pixel's tap came from
+  int64_t k_chunk;   // wgrad: pixels per split
+};
+
+template <typename scalar_t, typename mask_t>
+__global__ void __launch_bounds__(kMmaThreads)
+    mma_dgrad_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ w,
+                     const mask_t* __restrict__ mask, int64_t mask_batch, int64_t mask_channels, MmaGradShape s,
+                     scalar_t* __restrict__ dx) {
+  if (mma_unsupported_arch<scalar_t>()) return;
+  using acc_t = acc_type_t<scalar_t>;
+  using T = typename MmaOperand<scalar_t>::storage_t;
+  const GemmShape& gs = s.gemm;
+  const Geometry& g = gs.g;
+  const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups, taps = g.win.kh * g.win.kw;
+  const int64_t K = Cog * taps;
+  const int64_t group = blockIdx.y / gs.tiles_per_group, c0 = (blockIdx.y % gs.tiles_per_group) * kMmaTileM;
+  const int64_t HW = g.H * g.W, HWo = g.Ho * g.Wo;
+  const int64_t q = int64_t(blockIdx.x) * kMmaTileN + threadIdx.x % kMmaTileN;  // this thread's input pixel
+  const bool q_ok = q < g.N * HW;
+  const uint32_t n = q_ok ? s.hw.div(static_cast<uint32_t>(q)) : 0;
+  const uint32_t hw = q_ok ? s.hw.mod(static_cast<uint32_t>(q), n) : 0;
+  const uint32_t h = s.w.div(hw), wc = s.w.mod(hw, h);
+  const scalar_t* wg = w + group * Cog * Cg * taps;
+  const scalar_t* gg = gy + (int64_t(n) * g.C_out + group * Cog) * HWo;
+  mma_tile<scalar_t>(
+      0, K,
+      [&](int m, int64_t k) {
+        if (c0 + m >= Cg) return T(0);
+        const uint32_t co = gs.taps.div(static_cast<uint32_t>(k)), tap = gs.taps.mod(static_cast<uint32_t>(k), co);
+        return static_cast<T>(wg[(int64_t(co) * Cg + c0 + m) * taps + tap]);
+      },
+      [&](int64_t k, int) {
+        if (!q_ok) return T(0);
+        const uint32_t co = gs.taps.div(static_cast<uint32_t>(k)), tap = gs.taps.mod(static_cast<uint32_t>(k), co);
+        const uint32_t i = gs.kw.div(tap), j = gs.kw.mod(tap, i);
+        const int64_t hn = int64_t(h) + g.win.ph - int64_t(i) * g.win.dh;
+        const int64_t wn = int64_t(wc) + g.win.pw - int64_t(j) * g.win.dw;
+        if (hn < 0 || wn < 0) return T(0);
+        const uint32_t oh = s.sh.div(static_cast<uint32_t>(hn)), ow = s.sw.div(static_cast<uint32_t>(wn));
+        if (s.sh.mod(static_cast<uint32_t>(hn), oh) != 0 || s.sw.mod(static_cast<uint32_t>(wn), ow) != 0) return T(0);
+        if (oh >= g.Ho || ow >= g.Wo) return T(0);
+        return static_cast<T>(gg[int64_t(co) * HWo + int64_t(oh) * g.Wo + ow]);
+      },
+      [&](int m, int, float v) {
+        const int64_t c = c0 + m;
+        if (!q_ok || c >= Cg) return;
+        const int64_t ci = group * Cg + c;
+        acc_t r = static_cast<acc_t>(v);
+        if (mask != nullptr) {
+          const int64_t mc = mask_channels == 1 ? 0 : ci, mn = mask_batch == 1 ? 0 : int64_t(n);
+          r = masked(r, static_cast<acc_t>(mask[(mn * mask_channels + mc) * HW + hw]));
+        }
+        dx[(int64_t(n) * g.C_in + ci) * HW + hw] = static_cast<scalar_t>(r);
+      });
+}
+
+inline LaunchConfig mma_dgrad_config(const MmaGradShape& s) {
+  const Geometry& g = s.gemm.g;
+  return {dim3(static_cast<unsigned>(ceil_div(g.N * g.H * g.W, kMmaTileN)),
+               static_cast<unsigned>(s.gemm.tiles_per_group * g.groups)),
+          dim3(kMmaThreads), 0, true};
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMmaThreads)
+    mma_wgrad_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ xm, MmaGradShape s,
+                     float* __restrict__ partial) {
+  if (mma_unsupported_arch<scalar_t>()) return;
+  using T = typename MmaOperand<scalar_t>::storage_t;
+  const GemmShape& gs = s.gemm;
+  const Geometry& g = gs.g;
+  const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups, taps = g.win.kh * g.win.kw;
+  const int64_t CgT = Cg * taps, P = g.N * g.Ho * g.Wo;
+  const int64_t group = blockIdx.y / gs.tiles_per_group, co0 = (blockIdx.y % gs.tiles_per_group) * kMmaTileM;
+  const int64_t HW = g.H * g.W, HWo = g.Ho * g.Wo;
+  const int64_t kcol = int64_t(blockIdx.x) * kMmaTileN + threadIdx.x % kMmaTileN;  // this thread's (c, i, j)
+  const bool col_ok = kcol < CgT;
+  const uint32_t c = col_ok ? gs.taps.div(static_cast<uint32_t>(kcol)) : 0;
+  const uint32_t tap = col_ok ? gs.taps.mod(static_cast<uint32_t>(kcol), c) : 0;
+  const uint32_t i = gs.kw.div(tap), j = gs.kw.mod(tap, i);
+  const int64_t k_begin = int64_t(blockIdx.z) * s.k_chunk;
+  const int64_t k_end = k_begin + s.k_chunk < P ? k_begin + s.k_chunk : P;
+  const scalar_t* gg = gy + group * Cog * HWo;
+  const scalar_t* xg = xm + (group * Cg + c) * HW;
+  mma_tile<scalar_t>(
+      k_begin, k_end,
+      [&](int m, int64_t k) {
+        if (co0 + m >= Cog) return T(0);
+        const uint32_t n = gs.hwo.div(static_cast<uint32_t>(k)), p = gs.hwo.mod(static_cast<uint32_t>(k), n);
+        return static_cast<T>(gg[(int64_t(n) * g.C_out + co0 + m) * HWo + p]);
+      },
+      [&](int64_t k, int) {
+        if (!col_ok) return T(0);
+        const uint32_t n = gs.hwo.div(static_cast<uint32_t>(k)), p = gs.hwo.mod(static_cast<uint32_t>(k), n);
+        const uint32_t oh = gs.wo.div(p), ow = gs.wo.mod(p, oh);
+        const int64_t h = int64_t(oh) * g.win.sh - g.win.ph + int64_t(i) * g.win.dh;
+        const int64_t wc = int64_t(ow) * g.win.sw - g.win.pw + int64_t(j) * g.win.dw;
+        return h >= 0 && h < g.H && wc >= 0 && wc < g.W
+                   ? static_cast<T>(xg[int64_t(n) * g.C_in * HW + h * g.W + wc])
+                   : T(0);
+      },
+      [&](int m, int, float v) {
+        const int64_t co = co0 + m;
+        if (!col_ok || co >= Cog) return;
+        partial[(int64_t(blockIdx.z) * g.C_out + group * Cog + co) * CgT + kcol] = v;
+      });
+}
+
+inline LaunchConfig mma_wgrad_config(const MmaGradShape& s, int64_t splits) {
+  const Geometry& g = s.gemm.g;
+  const int64_t CgT = g.C_in / g.groups * g.win.kh * g.win.kw;
+  return {dim3(static_cast<unsigned>(ceil_div(CgT, kMmaTileN)), static_cast<unsigned>(s.gemm.tiles_per_group * g.groups),
+               static_cast<unsigned>(splits)),
+          dim3(kMmaThreads), 0, true};
+}
+
+// dW = the sum of the splits' partial products, in split order.
+template <typename scalar_t>
+__global__ void mma_wgrad_reduce_kernel(const float* __restrict__ partial, int64_t splits, int64_t count,
+                                        scalar_t* __restrict__ dw) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= count) return;
+  float sum = 0.0f;
+  for (int64_t z = 0; z < splits; ++z) sum += partial[z * count + e];
+  dw[e] = static_cast<scalar_t>(sum);
+}
+
+inline LaunchConfig mma_wgrad_reduce_config(int64_t count) {
+  return {dim3(static_cast<unsigned>(ceil_div(count, kThreads))), dim3(kThreads), 0, false};
 }
 
 }  // namespace cuda
