@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         if m:
             current = m.group(1)
             continue
-        if current is None or not re.match(r"\s+/\*[0-9a-f]{4}\*/", line):
+        if current is None or not re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
             continue
         s = stats[current]
         s["instructions"] += 1
