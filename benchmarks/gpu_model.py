@@ -52,6 +52,11 @@ OLD_INT_FRAC = {4: 0.40, 2: 0.20}  # pconv_old apply_mask/epilogue: 3 int64 div/
 OLD_ITER_NS = 35.0        # pconv_old mask_kernel: per window tap per thread, one dependent load, partly overlapped
 ONEPASS_FRAC = 0.09       # pconv_old one-pass implicit GEMM: share of FP32 (non-tensor) FMA peak, on its padded tiles
 TILE_M, TILE_N, TILE_K = 32, 32, 8  # the pre-rework one-pass kernel's kTileM/N/K: its work is padded to them
+MMA_EFF_MAX = 0.15        # mma_conv_kernel (gemm route, tensor cores): share of tensor peak on large layers. A guess
+                          # between the FFMA kernel's 9% of FP32 peak and cuDNN's CONV_EFF_MAX: WMMA from shared
+                          # memory with no stage pipelining, 4-6 blocks/SM (25-38% occupancy, register-limited),
+                          # element-wise operand gathers (~1.5k SASS instructions per 16 HMMA per 32-K stage)
+MMA_TILE_M, MMA_TILE_N, MMA_TILE_K = 64, 64, 32  # its tile: work is padded to it
 IMPLS = ("plain", "nvidia", "peer", "pconv_old", "pconv_new")
 # The review's estimates for today's code: H100, fp32 (TF32), single-channel mask, U-Net forward, microseconds.
 REVIEW = {(1, "plain"): 180.0, (1, "nvidia"): 780.0, (1, "pconv_old"): 2200.0,
@@ -239,7 +244,39 @@ def totals_table(gpus) -> list:
 
 
 CONSTANTS = ("BW_FRAC", "BCAST_FRAC", "LAUNCH_US", "HOST_OP_US", "HOST_CONV_US", "HOST_LAUNCH_US", "CONV_EFF_MAX",
-             "CONV_KNEE", "OLD_INT_FRAC", "OLD_ITER_NS", "ONEPASS_FRAC", "THREADS_PER_SM")
+             "CONV_KNEE", "OLD_INT_FRAC", "OLD_ITER_NS", "ONEPASS_FRAC", "THREADS_PER_SM", "MMA_EFF_MAX")
+
+
+def mma_conv_us(L: Layer, gpu: str, dtype: str, batch: int) -> float:
+    """ESTIMATE of mma_conv_kernel alone (GPU side): the convolution with the epilogue fused, on its padded
+    64 x 64 x 32 tiles at MMA_EFF_MAX of tensor peak (same knee as cuDNN), or streaming X*M, W and Y once."""
+    g, e = GPUS[gpu], (4 if dtype == "fp32" else 2)
+    n, ci, co, k, h, ho = batch, L.c_in, L.c_out, L.k, L.size, L.ho
+    P = n * ho * ho
+    padded = 2 * (math.ceil(co / MMA_TILE_M) * MMA_TILE_M) * (math.ceil(ci * k * k / MMA_TILE_K) * MMA_TILE_K) \
+        * (math.ceil(P / MMA_TILE_N) * MMA_TILE_N)
+    peak = g["tf32"] if dtype == "fp32" else g["bf16"]
+    nbytes = (n * ci * h * h + co * ci * k * k + n * co * ho * ho) * e + P * (4 + e)
+    return LAUNCH_US + max(nbytes / (g["hbm"] * BW_FRAC), (padded + CONV_KNEE) / (peak * MMA_EFF_MAX)) * 1e6
+
+
+def mma_table(gpu: str, dtype: str, batch: int) -> list:
+    """Per U-Net layer: cuDNN's convolution + our epilogue pass (the default route) against mma_conv_kernel with
+    the epilogue fused (the gemm route on tensor cores); GPU-side ESTIMATES, microseconds."""
+    g, e = GPUS[gpu], (4 if dtype == "fp32" else 2)
+    out = ["| layer | shape | cuDNN conv + epilogue | mma_conv_kernel | mma / cuDNN |", "|---|---|---:|---:|---:|"]
+    tot_c = tot_m = 0.0
+    for L in unet_layers():
+        Y, P = batch * L.c_out * L.ho * L.ho, batch * L.ho * L.ho
+        X, W = batch * L.c_in * L.size * L.size, L.c_out * L.c_in * L.k * L.k
+        conv = _conv(g, dtype, (X + W + Y) * e, 2 * Y * L.c_in * L.k * L.k)[1]
+        cudnn = 2 * LAUNCH_US + conv + _stream(g, 2 * Y * e + P * (4 + e))[1]
+        mma = mma_conv_us(L, gpu, dtype, batch)
+        tot_c, tot_m = tot_c + cudnn, tot_m + mma
+        out.append(f"| {L.name} | {L.c_in}->{L.c_out} k{L.k} s{L.stride} @{L.size} | {fmt(cudnn)} | {fmt(mma)} | "
+                   f"{mma / cudnn:.2f} |")
+    out.append(f"| **U-Net** | | {fmt(tot_c)} | {fmt(tot_m)} | {tot_m / tot_c:.2f} |")
+    return out
 HEADER = ("ESTIMATES from a bytes / FLOPs / launches model (benchmarks/gpu_model.py), NOT measurements: the model "
           "times nothing. Forward only, microseconds; dtype fp32 = TF32 tensor-core convs. The one GPU measurement "
           "so far (an H200, below) shows what the model misses.")
@@ -298,6 +335,15 @@ def markdown(gpus) -> str:
         parts += [f"## Per layer: H100, {d}, batch 1, single-channel mask (estimate, us)", "", LEGEND, "",
                   *layer_table("H100", d, 1, False), ""]
     parts += ["## U-Net totals (estimate, us)", "", *totals_table(gpus), "", "![estimate](gpu_estimate.png)", ""]
+    parts += ["## The gemm route on tensor cores against cuDNN (estimate, GPU side, us)", "",
+              "mma_conv_kernel (64 x 64 output tile, 4 warps of 2 x 2 WMMA fragments, 32-K stages, epilogue fused; "
+              "sm_90: 100-128 registers, 28 KB (fp16/bf16) or 36 KB (TF32) shared memory, 4 blocks per SM) at "
+              "MMA_EFF_MAX of tensor peak, against cuDNN's convolution plus our epilogue pass. Mask pass and ratio "
+              "map are the same on both routes and left out. No GPU has run the kernel: auto keeps cuDNN unless "
+              "`cudnn.benchmark` timing picks it.", ""]
+    for d in ("fp32", "bf16"):
+        for b in (1, 8):
+            parts += [f"### H100, {d}{' (TF32)' if d == 'fp32' else ''}, batch {b}", "", *mma_table("H100", d, b), ""]
     measured = measured_lines()
     if measured:
         parts += ["## Against a measurement: U-Net forward on an NVIDIA H200 (us)", "", *measured, ""]

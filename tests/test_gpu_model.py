@@ -103,3 +103,15 @@ def test_measured_section_compares_the_h200_run_with_the_estimate(tmp_path):
     for m, e, r in zip(measured, estimate, ratios):
         assert abs(m / e - r) <= 0.06 * r
     assert gm.measured_lines(str(tmp_path / "absent.json")) == []
+
+
+def test_mma_estimate_is_padded_and_labelled():
+    # The tensor-core kernel's estimate pads work to its 64 x 64 x 32 tile, grows with the batch, and the table
+    # covers every U-Net layer plus the total.
+    for L in gm.unet_layers():
+        for d in ("fp32", "bf16"):
+            one, eight = gm.mma_conv_us(L, "H100", d, 1), gm.mma_conv_us(L, "H100", d, 8)
+            assert gm.LAUNCH_US < one <= eight
+    rows = gm.mma_table("H100", "bf16", 1)
+    assert len(rows) == 2 + len(gm.unet_layers()) + 1 and rows[-1].startswith("| **U-Net**")
+    assert "MMA_EFF_MAX" in gm.markdown(["H100"]) and "estimate" in gm.markdown(["H100"])
