@@ -17,11 +17,22 @@ def _check_padding_mode(padding_mode: str) -> None:
 
 
 class _PartialConv:
-    """What PartialConv1d, PartialConv2d and PartialConv3d add to their nn.ConvNd: the returned mask and the method's keywords in
-    the repr (`multi_channel` and `return_mask` are set by each __init__)."""
+    """What PartialConv1d, PartialConv2d and PartialConv3d add to their nn.ConvNd: the method's keywords, the call of
+    their functional form (`_functional`) with 'same' / 'valid' resolved once, the returned mask, the repr."""
 
     multi_channel: bool
     return_mask: bool
+
+    def _init_partial(self, multi_channel: bool, return_mask: bool) -> None:
+        self.multi_channel = multi_channel
+        self.return_mask = return_mask
+        # Resolved once: 'same' / 'valid' become the symmetric padding the functional form takes.
+        self._op_padding = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
+
+    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):
+        output, updated_mask = self._functional(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
+                                                self.dilation, self.groups, self.multi_channel)
+        return self._returned(input, mask_in, output, updated_mask)
 
     def _returned(self, input: Tensor, mask_in: Optional[Tensor], output: Tensor, updated_mask: Tensor):
         if not self.return_mask:
@@ -47,6 +58,8 @@ class PartialConv2d(_PartialConv, nn.Conv2d):
     See :func:`pconv_cuda.functional.partial_conv2d` for the formula.
     """
 
+    _functional = staticmethod(partial_conv2d)
+
     def __init__(
         self,
         in_channels: int,
@@ -67,15 +80,7 @@ class PartialConv2d(_PartialConv, nn.Conv2d):
         _check_padding_mode(padding_mode)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        self.multi_channel = multi_channel
-        self.return_mask = return_mask
-        # Resolved once: 'same' / 'valid' become the symmetric pair the op takes.
-        self._op_padding = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
-
-    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
-        output, updated_mask = partial_conv2d(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
-                                         self.dilation, self.groups, self.multi_channel)
-        return self._returned(input, mask_in, output, updated_mask)
+        self._init_partial(multi_channel, return_mask)
 
 
 class PartialConv1d(_PartialConv, nn.Conv1d):
@@ -86,6 +91,8 @@ class PartialConv1d(_PartialConv, nn.Conv1d):
     ``multi_channel=True``. The updated mask is (N_mask, 1, L'), or an expanded (N, C_out, L') view with
     ``multi_channel=True``. See :func:`pconv_cuda.functional.partial_conv1d`.
     """
+
+    _functional = staticmethod(partial_conv1d)
 
     def __init__(
         self,
@@ -107,13 +114,7 @@ class PartialConv1d(_PartialConv, nn.Conv1d):
         _check_padding_mode(padding_mode)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        self.multi_channel = multi_channel
-        self.return_mask = return_mask
-
-    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
-        output, updated_mask = partial_conv1d(input, mask_in, self.weight, self.bias, self.stride, self.padding,
-                                              self.dilation, self.groups, self.multi_channel)
-        return self._returned(input, mask_in, output, updated_mask)
+        self._init_partial(multi_channel, return_mask)
 
 
 class PartialConv3d(_PartialConv, nn.Conv3d):
@@ -125,6 +126,8 @@ class PartialConv3d(_PartialConv, nn.Conv3d):
     (N_mask, 1, D', H', W'), or an expanded (N, C_out, D', H', W') view with ``multi_channel=True``. The same
     documented deviations from NVIDIA's layer as the 2-D one. See :func:`pconv_cuda.functional.partial_conv3d`.
     """
+
+    _functional = staticmethod(partial_conv3d)
 
     def __init__(
         self,
@@ -146,11 +149,4 @@ class PartialConv3d(_PartialConv, nn.Conv3d):
         _check_padding_mode(padding_mode)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        self.multi_channel = multi_channel
-        self.return_mask = return_mask
-        self._op_padding = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
-
-    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
-        output, updated_mask = partial_conv3d(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
-                                              self.dilation, self.groups, self.multi_channel)
-        return self._returned(input, mask_in, output, updated_mask)
+        self._init_partial(multi_channel, return_mask)

@@ -95,32 +95,10 @@ def _partial_conv(input, mask, weight, bias, stride, padding, dilation, groups, 
     return output, updated_mask
 
 
-class PartialConv2d(nn.Conv2d):
-    """NVIDIA's PartialConv2d interface on the unfused algorithm above (the baseline for benchmarks).
-
-    Unlike NVIDIA's layer it keeps no state between calls: ``mask_in=None`` is an all-ones mask every time.
-    """
-
-    def __init__(self, *args, multi_channel: bool = False, return_mask: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.padding_mode != "zeros":
-            raise ValueError(f"padding_mode must be 'zeros' for a partial convolution, got {self.padding_mode!r}")
-        self.multi_channel = multi_channel
-        self.return_mask = return_mask
-
-    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
-        output, updated_mask = partial_conv2d(
-            input, mask_in, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-            self.multi_channel,
-        )
-        if self.return_mask:
-            return output, updated_mask
-        return output
-
-
-class PartialConv3d(nn.Conv3d):
-    """NVIDIA's PartialConv3d interface on the unfused algorithm above (the 3-D benchmark's baseline); no state
-    between calls, as :class:`PartialConv2d` here."""
+class _UnfusedPartialConv:
+    """NVIDIA's module interface (``multi_channel``, ``return_mask``, ``forward(input, mask_in=None)``) on the
+    unfused algorithm above, for PartialConv2d and PartialConv3d here. Unlike NVIDIA's layers it keeps no state
+    between calls: ``mask_in=None`` is an all-ones mask every time."""
 
     def __init__(self, *args, multi_channel: bool = False, return_mask: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -129,11 +107,17 @@ class PartialConv3d(nn.Conv3d):
         self.multi_channel = multi_channel
         self.return_mask = return_mask
 
-    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):  # type: ignore[override]
-        output, updated_mask = partial_conv3d(
-            input, mask_in, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-            self.multi_channel,
-        )
+    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):
+        output, updated_mask = _partial_conv(input, mask_in, self.weight, self.bias, self.stride, self.padding,
+                                             self.dilation, self.groups, self.multi_channel)
         if self.return_mask:
             return output, updated_mask
         return output
+
+
+class PartialConv2d(_UnfusedPartialConv, nn.Conv2d):
+    """NVIDIA's PartialConv2d interface on the unfused algorithm above (the baseline for benchmarks)."""
+
+
+class PartialConv3d(_UnfusedPartialConv, nn.Conv3d):
+    """NVIDIA's PartialConv3d interface on the unfused algorithm above (the 3-D benchmark's baseline)."""

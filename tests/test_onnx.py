@@ -51,6 +51,21 @@ def _as_list(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
+def _matches_layer(session, layer, inputs, batches):
+    """The exported model against the layer on inputs(n, 10 + n) for each batch size n (the batch axis is
+    dynamic): same outputs, finite (holes are exact holes), the updated mask bitwise."""
+    for n in batches:
+        args = inputs(n, 10 + n)
+        with torch.no_grad():
+            expected = _as_list(layer(*args))
+        got = _run(session, args)
+        assert len(got) == len(expected)
+        torch.testing.assert_close(got[0], expected[0], rtol=RTOL, atol=ATOL)
+        assert torch.isfinite(got[0]).all()
+        if len(expected) > 1:
+            torch.testing.assert_close(got[1], expected[1].contiguous(), rtol=0, atol=0)
+
+
 def _binary_mask(n, c, h, w, seed):
     g = torch.Generator().manual_seed(seed)
     mask = (torch.rand(n, c, h, w, generator=g) > 0.4).float()
@@ -90,16 +105,7 @@ def test_partial_conv2d_module(case, dynamo, tmp_path):
         return (x, mask.bool() if mask_kind == "bool" else mask)
 
     session = _export(layer, inputs(2, 1), tmp_path / "layer.onnx", dynamo)
-    for n in (2, 3, 1):  # the export batch and others: the batch axis is dynamic
-        args = inputs(n, 10 + n)
-        with torch.no_grad():
-            expected = _as_list(layer(*args))
-        got = _run(session, args)
-        assert len(got) == len(expected)
-        torch.testing.assert_close(got[0], expected[0], rtol=RTOL, atol=ATOL)
-        assert torch.isfinite(got[0]).all()
-        if len(expected) > 1:
-            torch.testing.assert_close(got[1], expected[1].contiguous(), rtol=0, atol=0)
+    _matches_layer(session, layer, inputs, (2, 3, 1))  # the export batch and others
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
@@ -115,13 +121,7 @@ def test_partial_conv1d_module(multi_channel, dynamo, tmp_path):
         return (x.masked_fill(mask == 0, float("nan")), mask)
 
     session = _export(layer, inputs(2, 1), tmp_path / "layer1d.onnx", dynamo)
-    for n in (2, 3):
-        args = inputs(n, 10 + n)
-        with torch.no_grad():
-            expected = _as_list(layer(*args))
-        got = _run(session, args)
-        torch.testing.assert_close(got[0], expected[0], rtol=RTOL, atol=ATOL)
-        torch.testing.assert_close(got[1], expected[1].contiguous(), rtol=0, atol=0)
+    _matches_layer(session, layer, inputs, (2, 3))
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
@@ -143,13 +143,7 @@ def test_partial_conv3d_module(mask_kind, dynamo, tmp_path):
         return (x.masked_fill(mask == 0, float("nan")), mask)
 
     session = _export(layer, inputs(2, 1), tmp_path / "layer3d.onnx", dynamo)
-    for n in (2, 3):
-        args = inputs(n, 10 + n)
-        with torch.no_grad():
-            expected = _as_list(layer(*args))
-        got = _run(session, args)
-        torch.testing.assert_close(got[0], expected[0], rtol=RTOL, atol=ATOL)
-        torch.testing.assert_close(got[1], expected[1].contiguous(), rtol=0, atol=0)
+    _matches_layer(session, layer, inputs, (2, 3))
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)

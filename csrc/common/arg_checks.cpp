@@ -77,6 +77,12 @@ std::vector<int64_t> output_map_sizes(const Geometry& g, int64_t batch, int64_t 
   return sizes;
 }
 
+std::vector<int64_t> input_map_sizes(const Geometry& g, int64_t batch) {
+  std::vector<int64_t> sizes{batch, 1};
+  for (const int64_t s : input_spatial_sizes(g)) sizes.push_back(s);
+  return sizes;
+}
+
 at::ScalarType ratio_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -31,6 +31,8 @@ void check_backward_args(const char* op, const at::Tensor& grad_output, const at
 std::vector<int64_t> input_spatial_sizes(const Geometry& g);
 std::vector<int64_t> output_spatial_sizes(const Geometry& g);
 std::vector<int64_t> output_map_sizes(const Geometry& g, int64_t batch, int64_t channels);
+// (batch, 1, input spatial sizes...): the channel-summed mask plane.
+std::vector<int64_t> input_map_sizes(const Geometry& g, int64_t batch);
 
 // The ratio's dtype: float64 for float64 inputs, float32 otherwise (half types compute the ratio in float).
 at::ScalarType ratio_dtype(at::ScalarType input_dtype);

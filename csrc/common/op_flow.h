@@ -134,9 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
   Tensor xm, plane;
   if (has(mask)) {
     xm = at::empty(x.sizes(), x.options(), fmt);
-    std::vector<int64_t> plane_sizes{g.mask_batch, 1};
-    for (const int64_t s : input_spatial_sizes(g)) plane_sizes.push_back(s);
-    plane = at::empty(plane_sizes, ratio.options());
+    plane = at::empty(input_map_sizes(g, g.mask_batch), ratio.options());
     // An empty batch still has a mask (batch 1) whose maps are returned: then only the plane is formed.
     const Tensor& swept = g.N > 0 ? x : Tensor();
     if (!prim.mask_pass(mask->contiguous(fmt), swept, xm, plane)) fail_invalid_mask(op, *mask);
@@ -213,9 +211,7 @@ std::tuple<Tensor, Tensor> mask_update(Prim& prim, const Tensor& mask, at::IntAr
   const std::vector<int64_t> map_sizes = output_map_sizes(g, g.N, 1);
   Tensor ratio = at::empty(map_sizes, mask.options().dtype(ratio_dtype(update_dtype)));
   Tensor updated_mask = at::empty(map_sizes, mask.options().dtype(update_dtype));
-  std::vector<int64_t> plane_sizes{g.N, 1};
-  for (const int64_t s : input_spatial_sizes(g)) plane_sizes.push_back(s);
-  Tensor plane = at::empty(plane_sizes, ratio.options());
+  Tensor plane = at::empty(input_map_sizes(g, g.N), ratio.options());
   Tensor no_input, no_output;
   if (!prim.mask_pass(mask.contiguous(layout_of(mask)), no_input, no_output, plane)) fail_invalid_mask(op, mask);
   prim.ratio_update(plane, g, ratio, updated_mask);
