@@ -52,10 +52,16 @@ OLD_INT_FRAC = {4: 0.40, 2: 0.20}  # pconv_old apply_mask/epilogue: 3 int64 div/
 OLD_ITER_NS = 35.0        # pconv_old mask_kernel: per window tap per thread, one dependent load, partly overlapped
 ONEPASS_FRAC = 0.09       # pconv_old one-pass implicit GEMM: share of FP32 (non-tensor) FMA peak, on its padded tiles
 TILE_M, TILE_N, TILE_K = 32, 32, 8  # the pre-rework one-pass kernel's kTileM/N/K: its work is padded to them
-MMA_EFF_MAX = 0.15        # mma_conv_kernel (gemm route, tensor cores): share of tensor peak on large layers. A guess
-                          # between the FFMA kernel's 9% of FP32 peak and cuDNN's CONV_EFF_MAX: WMMA from shared
-                          # memory with no stage pipelining, 4-6 blocks/SM (25-38% occupancy, register-limited),
-                          # element-wise operand gathers (~1.5k SASS instructions per 16 HMMA per 32-K stage)
+MMA_EFF_MAX = 0.15        # mma_conv_kernel (gemm route, tensor cores): share of tensor peak on large layers, a ceiling
+                          # the issue and latency terms below bind before on every U-Net layer
+MMA_STAGE_INSTR = 1472    # SASS instructions per warp per 32-K stage of mma_conv_kernel<float> (sm_90 main loop, the
+                          # operand gathers with their index maths: ~40 per element; 16 HMMA)
+SM_CLOCK_HZ = 1.98e9      # H100/H200 SXM boost clock
+MMA_STAGE_SERIAL_US = 8.5  # MEASURED (H200, code as of bac9aaa): one 32-K stage of a block whose loader stored each
+                          # loaded element to shared memory before issuing the next load (32 memory latencies)
+MMA_STAGE_US = 1.0        # one stage of the register-pipelined loader (all 32 loads in flight together): a memory
+                          # round trip overlapped with the stage's issue (1472 cycles, 0.74 us); an ESTIMATE
+MMA_BLOCKS_PER_SM = {"fp32": 3, "bf16": 2}  # register-limited (sm_90: 168 and 248 registers, 128 threads a block)
 MMA_TILE_M, MMA_TILE_N, MMA_TILE_K = 64, 64, 32  # its tile: work is padded to it
 IMPLS = ("plain", "nvidia", "peer", "pconv_old", "pconv_new")
 # The review's estimates for today's code: H100, fp32 (TF32), single-channel mask, U-Net forward, microseconds.
@@ -244,12 +250,22 @@ def totals_table(gpus) -> list:
 
 
 CONSTANTS = ("BW_FRAC", "BCAST_FRAC", "LAUNCH_US", "HOST_OP_US", "HOST_CONV_US", "HOST_LAUNCH_US", "CONV_EFF_MAX",
-             "CONV_KNEE", "OLD_INT_FRAC", "OLD_ITER_NS", "ONEPASS_FRAC", "THREADS_PER_SM", "MMA_EFF_MAX")
+             "CONV_KNEE", "OLD_INT_FRAC", "OLD_ITER_NS", "ONEPASS_FRAC", "THREADS_PER_SM", "MMA_EFF_MAX",
+             "MMA_STAGE_INSTR", "SM_CLOCK_HZ", "MMA_STAGE_SERIAL_US", "MMA_STAGE_US", "MMA_BLOCKS_PER_SM")
 
 
-def mma_conv_us(L: Layer, gpu: str, dtype: str, batch: int) -> float:
-    """ESTIMATE of mma_conv_kernel alone (GPU side): the convolution with the epilogue fused, on its padded
-    64 x 64 x 32 tiles at MMA_EFF_MAX of tensor peak (same knee as cuDNN), or streaming X*M, W and Y once."""
+def mma_grid(L: Layer, batch: int) -> tuple:
+    """mma_conv_kernel's blocks (64 output channels x 64 output pixels each) and 32-K stages per block."""
+    P = batch * L.ho * L.ho
+    return math.ceil(L.c_out / MMA_TILE_M) * math.ceil(P / MMA_TILE_N), math.ceil(L.c_in * L.k * L.k / MMA_TILE_K)
+
+
+def mma_conv_us(L: Layer, gpu: str, dtype: str, batch: int, stage_us: float = MMA_STAGE_US,
+                blocks_per_sm: int = 0) -> float:
+    """ESTIMATE of mma_conv_kernel alone (GPU side), the longest of: streaming X*M, W and Y once; its padded
+    64 x 64 x 32 tiles at MMA_EFF_MAX of tensor peak; issuing MMA_STAGE_INSTR per warp per stage on every SM; and
+    the chain of stages a block runs one after another (stage_us each), once per wave of resident blocks
+    (blocks_per_sm, default MMA_BLOCKS_PER_SM)."""
     g, e = GPUS[gpu], (4 if dtype == "fp32" else 2)
     n, ci, co, k, h, ho = batch, L.c_in, L.c_out, L.k, L.size, L.ho
     P = n * ho * ho
@@ -257,7 +273,11 @@ def mma_conv_us(L: Layer, gpu: str, dtype: str, batch: int) -> float:
         * (math.ceil(P / MMA_TILE_N) * MMA_TILE_N)
     peak = g["tf32"] if dtype == "fp32" else g["bf16"]
     nbytes = (n * ci * h * h + co * ci * k * k + n * co * ho * ho) * e + P * (4 + e)
-    return LAUNCH_US + max(nbytes / (g["hbm"] * BW_FRAC), (padded + CONV_KNEE) / (peak * MMA_EFF_MAX)) * 1e6
+    blocks, stages = mma_grid(L, batch)
+    issue = blocks * stages * MMA_STAGE_INSTR / (g["sms"] * SM_CLOCK_HZ)  # 4 warps a block on 4 schedulers
+    chain = math.ceil(blocks / (g["sms"] * (blocks_per_sm or MMA_BLOCKS_PER_SM[dtype]))) * stages * stage_us * 1e-6
+    return LAUNCH_US + max(nbytes / (g["hbm"] * BW_FRAC), (padded + CONV_KNEE) / (peak * MMA_EFF_MAX), issue,
+                           chain) * 1e6
 
 
 def mma_table(gpu: str, dtype: str, batch: int) -> list:
@@ -278,8 +298,8 @@ def mma_table(gpu: str, dtype: str, batch: int) -> list:
     out.append(f"| **U-Net** | | {fmt(tot_c)} | {fmt(tot_m)} | {tot_m / tot_c:.2f} |")
     return out
 HEADER = ("ESTIMATES from a bytes / FLOPs / launches model (benchmarks/gpu_model.py), NOT measurements: the model "
-          "times nothing. Forward only, microseconds; dtype fp32 = TF32 tensor-core convs. The one GPU measurement "
-          "so far (an H200, below) shows what the model misses.")
+          "times nothing. Forward only, microseconds; dtype fp32 = TF32 tensor-core convs. The GPU measurements "
+          "(an H200, below) show what the model misses.")
 MEASURED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "bench_cuda_float32.json")
 
 
@@ -308,11 +328,46 @@ def measured_lines(path: str = MEASURED) -> list:
             f"around each eager call, the aten_conv route) against this model's H100 estimate (the H200 has the "
             f"H100's compute and more bandwidth, so its GPU-side times can only be lower). Every implementation "
             f"took several times the estimate, plain cuDNN included: at these sizes a layer costs what the host "
-            f"spends on it (Python, dispatch, cuDNN's per-call planning, allocation, launches), 50-250 us per layer "
-            f"on that machine against the 4-8 us per op assumed here (HOST_OP_US, HOST_CONV_US). The estimates "
+            f"spends on it (Python, dispatch, cuDNN's per-call planning, allocation, launches): ~50-70 us per layer "
+            f"for a plain conv, ~110-140 for the fused layer and ~200 for NVIDIA's at batch 1 on that machine, against the 4-8 us per op assumed here (HOST_OP_US, HOST_CONV_US). The estimates "
             f"are GPU-side lower bounds, not predictions of eager time; `benchmarks/overhead.py` measures the host "
-            f"part. The fused column is the code as it was measured (before the per-call host work and the mask "
-            f"pass were reduced).", "", *out] if len(out) > 2 else []
+            f"part. The fused column is the code as of commit bac9aaa (second H200 "
+            f"session, 2026-11-26).", "", *out] if len(out) > 2 else []
+MMA_SERIAL_BLOCKS_PER_SM = 4  # the measured build's mma_conv_kernel: 100-128 registers (sm_90)
+
+
+def mma_measured_lines(dtype: str, batch: int, path: str = "") -> list:
+    """The gemm route's forward per U-Net layer as bench.py MEASURED it on a GPU (the tensor-core kernel of code
+    as of bac9aaa, plus the mask pass, ratio map and host work that every route has), next to this model's kernel
+    time with that build's measured stage time, and the estimate for the pipelined kernel; [] without data."""
+    path = path or os.path.join(os.path.dirname(MEASURED), f"bench_cuda_{'float32' if dtype == 'fp32' else 'bfloat16'}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        data = json.load(f)
+    rows = {r["layer"]: r for r in data["rows"] if r["device"] == "cuda/gemm" and r["mask"] == "single"
+            and r["pass_"] == "fwd" and r["batch"] == batch}
+    if len(rows) != len(unet_layers()):
+        return []
+    out = ["| layer | blocks x stages | measured gemm route | model, serial stages | measured / model | "
+           "estimate, pipelined | cuDNN route measured |", "|---|---:|---:|---:|---:|---:|---:|"]
+    tot = [0.0, 0.0, 0.0, 0.0]
+    for L in unet_layers():
+        r = rows[L.name]
+        cudnn_rows = [c for c in data["rows"] if c["device"] == "cuda/aten_conv" and c["layer"] == L.name
+                      and c["mask"] == "single" and c["pass_"] == "fwd" and c["batch"] == batch]
+        got, cudnn = 1e3 * r["fused_ms"], 1e3 * cudnn_rows[0]["fused_ms"] if cudnn_rows else float("nan")
+        serial = mma_conv_us(L, "H100", dtype, batch, MMA_STAGE_SERIAL_US, MMA_SERIAL_BLOCKS_PER_SM)
+        now = mma_conv_us(L, "H100", dtype, batch)
+        blocks, stages = mma_grid(L, batch)
+        tot = [tot[0] + got, tot[1] + serial, tot[2] + now, tot[3] + cudnn]
+        out.append(f"| {L.name} | {blocks} x {stages} | {fmt(got)} | {fmt(serial)} | {got / serial:.2f} | "
+                   f"{fmt(now)} | {fmt(cudnn)} |")
+    out.append(f"| **U-Net** | | {fmt(tot[0])} | {fmt(tot[1])} | {tot[0] / tot[1]:.2f} | {fmt(tot[2])} | "
+               f"{fmt(tot[3])} |")
+    return out
+
+
 LEGEND = ("`*` pconv_old took its one-pass FFMA kernel (auto route); elsewhere its vendor route. "
           "U-Net = sum of the 14 conv layers.")
 
@@ -336,14 +391,27 @@ def markdown(gpus) -> str:
                   *layer_table("H100", d, 1, False), ""]
     parts += ["## U-Net totals (estimate, us)", "", *totals_table(gpus), "", "![estimate](gpu_estimate.png)", ""]
     parts += ["## The gemm route on tensor cores against cuDNN (estimate, GPU side, us)", "",
-              "mma_conv_kernel (64 x 64 output tile, 4 warps of 2 x 2 WMMA fragments, 32-K stages, epilogue fused; "
-              "sm_90: 100-128 registers, 28 KB (fp16/bf16) or 36 KB (TF32) shared memory, 4 blocks per SM) at "
-              "MMA_EFF_MAX of tensor peak, against cuDNN's convolution plus our epilogue pass. Mask pass and ratio "
-              "map are the same on both routes and left out. No GPU has run the kernel: auto keeps cuDNN unless "
-              "`cudnn.benchmark` timing picks it.", ""]
+              "mma_conv_kernel (64 x 64 output tile, 4 warps of 2 x 2 WMMA fragments, 32-K stages, epilogue fused, "
+              "the next stage's operands fetched into registers during this stage's MMAs; sm_90: 168 (TF32) or 248 "
+              "(fp16/bf16) registers, 36 or 28 KB shared memory, 3 or 2 blocks per SM), estimated as the longest of "
+              "its bytes, its padded FLOPs at MMA_EFF_MAX of tensor peak, issuing MMA_STAGE_INSTR per warp per "
+              "stage, and each block's chain of stages (MMA_STAGE_US each, per wave), against cuDNN's convolution "
+              "plus our epilogue pass. Mask pass and ratio map are the same on both routes and left out. The auto "
+              "route keeps cuDNN unless `cudnn.benchmark` timing picks this kernel.", ""]
     for d in ("fp32", "bf16"):
         for b in (1, 8):
             parts += [f"### H100, {d}{' (TF32)' if d == 'fp32' else ''}, batch {b}", "", *mma_table("H100", d, b), ""]
+    for d in ("fp32", "bf16"):
+        for b in (1, 8):
+            got = mma_measured_lines(d, b)
+            if got:
+                parts += [f"### Against a measurement: the gemm route on an NVIDIA H200, {d}, batch {b} (us)", "",
+                          "MEASURED by `benchmarks/bench.py` (the gemm route's whole forward: the tensor-core kernel "
+                          "of code as of bac9aaa, whose loader waited one memory latency per element, plus the mask "
+                          "pass, the ratio map and the host work, ~0.1 ms, that every route has), the model's kernel "
+                          "time for that build (MMA_STAGE_SERIAL_US per stage, fitted to these rows: the check is "
+                          "that one constant fits every layer, grid sizes from 8 to 8192 blocks), the ESTIMATE for "
+                          "the pipelined kernel, and the cuDNN route as measured in the same run.", "", *got, ""]
     measured = measured_lines()
     if measured:
         parts += ["## Against a measurement: U-Net forward on an NVIDIA H200 (us)", "", *measured, ""]

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPUs, a gloo version on the CPU) instead of each process' shard. Fine-tuning freezes the "
                         "encoder's BN (running statistics, nothing to sync); the decoder's BN is synchronised")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="bitwise-reproducible runs on a GPU (a resumed run then equals an uninterrupted one): "
+                        "torch.use_deterministic_algorithms, cuDNN's deterministic algorithms, no cudnn.benchmark "
+                        "(slower). CPU runs are reproducible without it")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--grid-every", type=int, default=200)
     p.add_argument("--ckpt-every", type=int, default=200)
@@ -136,6 +140,11 @@ def _datasets(args, size: int):
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Run training; returns a summary (last logged losses, paths) for scripts and tests."""
     args = build_parser().parse_args(argv)
+    if args.deterministic:
+        # cuBLAS reads this when its first handle is made, so before anything runs on the GPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     env, device = setup(resolve_device(args.device))
     # No teardown on an error: its barrier would wait for ranks that are blocked in a collective; the process
     # exits instead, and torchrun stops the others.

@@ -1,10 +1,35 @@
 """The suite's fixtures over the sample and backend lists of helpers.py."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from helpers import BACKENDS, SAMPLES, Backend, Sample, use_backend
+
+
+def pytest_collection_modifyitems(config, items):
+    """PCONV_TEST_BACKENDS (comma-separated backend names, e.g. "cuda-aten_conv,cuda-gemm") keeps only the tests
+    of those backends, and those that take none: a short GPU lease spends no time on what CI runs anyway."""
+    wanted = os.environ.get("PCONV_TEST_BACKENDS")
+    if not wanted:
+        return
+    names = {n.strip() for n in wanted.split(",") if n.strip()}
+    unknown = names - {b.name for b in BACKENDS}
+    if unknown:
+        raise pytest.UsageError(f"PCONV_TEST_BACKENDS: unknown backend(s) {sorted(unknown)}; "
+                                f"expected names from {[b.name for b in BACKENDS]}")
+
+    def other_backend(item) -> bool:
+        params = getattr(item, "callspec", None)
+        return params is not None and any(isinstance(v, Backend) and v.name not in names
+                                          for v in params.params.values())
+
+    deselected = [item for item in items if other_backend(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not other_backend(item)]
 
 
 @pytest.fixture(params=BACKENDS, ids=str)

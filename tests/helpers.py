@@ -302,6 +302,14 @@ class PeerPartialConv2d(nn.Conv2d):
         return (out, upd) if self.return_mask else out
 
 
+def same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Bitwise on the CPU; on a GPU cuDNN may pick other (deterministic) algorithms per call: float64 rounding."""
+    if a.device.type == "cpu":
+        assert torch.equal(a, b), what
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda e: f"{what}: {e}")
+
+
 def nondet_tol(device: str) -> float:
     """gradcheck's tolerance for run-to-run differences: cuDNN's weight-gradient algorithms may add in a
     nondeterministic order (atomics), which in float64 moves results by ~1e-15 relative; the CPU is deterministic."""

@@ -11,17 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pconv_cuda
 from pconv_cuda import routes
-from helpers import BACKENDS, SAMPLES, Sample, conv_args, make_inputs, oracle, with_
-
-
-
-
-def same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    """Bitwise on the CPU; on a GPU cuDNN may pick other (deterministic) algorithms per call: float64 rounding."""
-    if a.device.type == "cpu":
-        assert torch.equal(a, b), what
-    else:
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda e: f"{what}: {e}")
+from helpers import BACKENDS, SAMPLES, Sample, conv_args, make_inputs, oracle, same, with_
 
 
 class RecordBackwardCalls(TorchDispatchMode):

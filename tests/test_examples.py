@@ -41,13 +41,23 @@ def _log(path: Path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_train_resume_finetune_inpaint_evaluate(examples, image_dir, tmp_path):
+@pytest.fixture
+def restore_determinism():
+    """--deterministic sets process-wide flags; the tests share the process."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark = saved[2]
+
+
+def test_train_resume_finetune_inpaint_evaluate(examples, image_dir, tmp_path, restore_determinism):
     train = examples["train_inpainting"].main
     out = tmp_path / "run"
 
-    def args(run_dir, *more):
+    def args(run_dir, *more):  # --deterministic: the resume check below is bitwise on a GPU too
         return ["--data", str(image_dir), "--out", str(run_dir), "--log-every", "2", "--grid-every", "2",
-                "--ckpt-every", "2", *TINY, *more]
+                "--ckpt-every", "2", "--deterministic", *TINY, *more]
 
     # Train 4 steps: checkpoint, a log line every 2 steps with every loss term, grids of the right size.
     summary = train(args(out, "--steps", "4"))
@@ -65,7 +75,8 @@ def test_train_resume_finetune_inpaint_evaluate(examples, image_dir, tmp_path):
     ckpt4 = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt4["step"] == 4 and ckpt4["stage"] == "train"
 
-    # Resuming to 6 steps gives exactly what 6 uninterrupted steps give (model, optimizer and data RNG restored).
+    # Resuming to 6 steps gives exactly what 6 uninterrupted steps give (model, optimizer and data RNG restored;
+    # on a GPU this needs --deterministic: cuDNN's default algorithms may add in another order per call).
     train(args(out, "--steps", "6", "--resume", str(out / "checkpoint.pt")))
     resumed = torch.load(out / "checkpoint.pt", weights_only=True)
     assert resumed["step"] == 6 and [r["step"] for r in _log(out / "log.jsonl")] == [2, 4, 6]
