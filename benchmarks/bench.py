@@ -90,8 +90,10 @@ def shape_of(layer) -> str:
     return f"{layer.c_in}->{layer.c_out} k{layer.k} s{layer.stride} @{layer.size}"
 
 
-def make_case(layer, batch: int, multi: bool, device: str, dtype: torch.dtype, seed: int = 0):
-    """(x, m, conv) for a 2-D Layer or a VideoLayer; conv is the nn.ConvNd whose parameters every variant uses."""
+def make_case(layer, batch: int, multi: bool, device: str, dtype: torch.dtype, seed: int = 0,
+              channels_last: bool = False):
+    """(x, m, conv) for a 2-D Layer or a VideoLayer; conv is the nn.ConvNd whose parameters every variant uses.
+    channels_last: input, mask and weight in channels_last(_3d) memory format."""
     g = torch.Generator().manual_seed(seed)
     if isinstance(layer, VideoLayer):
         spatial = (layer.frames, layer.size, layer.size)
@@ -102,7 +104,12 @@ def make_case(layer, batch: int, multi: bool, device: str, dtype: torch.dtype, s
     x = torch.randn(batch, layer.c_in, *spatial, generator=g).to(device, dtype)
     mc = layer.c_in if multi else 1
     m = (torch.rand(batch, mc, *spatial, generator=g) > 0.25).to(device, dtype)
-    return x, m, conv.to(device, dtype)
+    conv = conv.to(device, dtype)
+    if channels_last:
+        fmt = torch.channels_last_3d if isinstance(layer, VideoLayer) else torch.channels_last
+        x, m = x.contiguous(memory_format=fmt), m.contiguous(memory_format=fmt)
+        conv = conv.to(memory_format=fmt)
+    return x, m, conv
 
 
 def variants(x, m, conv, multi: bool) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -144,8 +151,8 @@ def rotation(names: List[str], r: int) -> List[str]:
     return names[r % len(names):] + names[:r % len(names)]
 
 
-def run_case(layer, batch, multi, backward, device, dtype, repeats, clock) -> Row:
-    x, m, conv = make_case(layer, batch, multi, device, dtype)
+def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, channels_last=False) -> Row:
+    x, m, conv = make_case(layer, batch, multi, device, dtype, channels_last=channels_last)
     fns = variants(x, m, conv, multi)
     grad = None
     if backward:
@@ -278,6 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=8, help="frames of the 3-D layers (default 8)")
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--channels-last", action="store_true",
+                    help="input, mask and weights in channels_last memory format (the fast path on a GPU with "
+                         "fp16/bf16: cuDNN's tensor-core convolutions and our NHWC kernels)")
     ap.add_argument("--cuda-routes", nargs="+", default=["aten_conv", "gemm"], choices=["auto", "aten_conv", "gemm"],
                     help="PCONV_CUDA_ROUTE values to measure on a GPU")
     ap.add_argument("--json", metavar="PATH", help="write the rows and the summary as JSON")
@@ -304,8 +314,8 @@ def main(argv=None) -> int:
     devices = [d for d in devices if not (d.startswith("cuda") and pconv_cuda.ops.MISSING_CUDA_KERNELS)]
     dtype = getattr(torch, args.dtype)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, dtype {args.dtype}, "
-          f"median of {repeats} interleaved repeats")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, dtype {args.dtype}"
+          f"{', channels_last' if args.channels_last else ''}, median of {repeats} interleaved repeats")
     head = (f"{'dev':4s} {'layer':6s} {'shape':30s} {'mask':6s} {'N':>2s} {'pass':7s} {'plain ms':>9s} "
             f"{'ref ms':>9s} {'fused ms':>9s} {'peer ms':>9s} {'fused/plain':>11s} {'ref/fused':>9s} "
             f"{'fused/peer':>10s}")
@@ -328,7 +338,8 @@ def main(argv=None) -> int:
             for batch in batches:
                 for mask in args.masks:
                     for layer in layers:
-                        r = run_case(layer, batch, mask == "multi", pass_ == "fwd+bwd", device, dtype, repeats, clock)
+                        r = run_case(layer, batch, mask == "multi", pass_ == "fwd+bwd", device, dtype, repeats, clock,
+                                     args.channels_last)
                         r.device = label
                         rows.append(r)
                         print(f"{r.device:4s} {r.layer:6s} {r.shape:30s} {r.mask:6s} {r.batch:2d} {r.pass_:7s} "
@@ -343,6 +354,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
+                       "layout": "channels_last" if args.channels_last else "contiguous",
                        "repeats": repeats, "rows": [dict(asdict(r), **{"pass": r.pass_}) for r in rows],
                        "summary": summary, "peer_summary": peer_summary(rows)}, f, indent=1)
     why_not = None
@@ -371,7 +383,8 @@ def markdown(rows: List[Row], summary: List[str], repeats: int, args, argv, plot
     out = [f"# Layer benchmark: fused vs plain conv, unfused reference and pure-PyTorch peer ({rows[0].device if rows else ''})",
            "",
            f"Generated by `{cmd.strip()}` on {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, "
-           f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}), dtype {args.dtype}, "
+           f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}), dtype {args.dtype}"
+           f"{' (channels_last)' if args.channels_last else ''}, "
            f"median of {repeats} interleaved repeats per variant. MEASURED on this machine ({machine(rows)}); on a "
            f"shared machine single cases are noisy (compare medians over layers). CUDA times are CUDA events around "
            f"each eager call: for small layers they include the host's launch work as much as kernel time. Ratios: "

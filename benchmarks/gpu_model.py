@@ -54,14 +54,16 @@ ONEPASS_FRAC = 0.09       # pconv_old one-pass implicit GEMM: share of FP32 (non
 TILE_M, TILE_N, TILE_K = 32, 32, 8  # the pre-rework one-pass kernel's kTileM/N/K: its work is padded to them
 MMA_EFF_MAX = 0.15        # mma_conv_kernel (gemm route, tensor cores): share of tensor peak on large layers, a ceiling
                           # the issue and latency terms below bind before on every U-Net layer
-MMA_STAGE_INSTR = 1472    # SASS instructions per warp per 32-K stage of mma_conv_kernel<float> (sm_90 main loop, the
-                          # operand gathers with their index maths: ~40 per element; 16 HMMA)
+MMA_STAGE_INSTR = 956     # SASS instructions per warp per 32-K stage of mma_conv_kernel<float> (sm_90 main loop: 32
+                          # operand gathers from a per-stage table of tap offsets, 16 HMMA; 1472 when every element
+                          # divided its own k)
 SM_CLOCK_HZ = 1.98e9      # H100/H200 SXM boost clock
 MMA_STAGE_SERIAL_US = 8.5  # MEASURED (H200, code as of bac9aaa): one 32-K stage of a block whose loader stored each
                           # loaded element to shared memory before issuing the next load (32 memory latencies)
 MMA_STAGE_US = 1.0        # one stage of the register-pipelined loader (all 32 loads in flight together): a memory
-                          # round trip overlapped with the stage's issue (1472 cycles, 0.74 us); an ESTIMATE
-MMA_BLOCKS_PER_SM = {"fp32": 3, "bf16": 2}  # register-limited (sm_90: 168 and 248 registers, 128 threads a block)
+                          # round trip (~0.6-0.8 us) overlapped with the stage's issue (956 cycles, 0.48 us), a
+                          # barrier and the table; an ESTIMATE
+MMA_BLOCKS_PER_SM = {"fp32": 2, "bf16": 2}  # register-limited (sm_90: 246-255 registers, 128 threads a block)
 MMA_TILE_M, MMA_TILE_N, MMA_TILE_K = 64, 64, 32  # its tile: work is padded to it
 IMPLS = ("plain", "nvidia", "peer", "pconv_old", "pconv_new")
 # The review's estimates for today's code: H100, fp32 (TF32), single-channel mask, U-Net forward, microseconds.
@@ -392,8 +394,8 @@ def markdown(gpus) -> str:
     parts += ["## U-Net totals (estimate, us)", "", *totals_table(gpus), "", "![estimate](gpu_estimate.png)", ""]
     parts += ["## The gemm route on tensor cores against cuDNN (estimate, GPU side, us)", "",
               "mma_conv_kernel (64 x 64 output tile, 4 warps of 2 x 2 WMMA fragments, 32-K stages, epilogue fused, "
-              "the next stage's operands fetched into registers during this stage's MMAs; sm_90: 168 (TF32) or 248 "
-              "(fp16/bf16) registers, 36 or 28 KB shared memory, 3 or 2 blocks per SM), estimated as the longest of "
+              "the next stage's operands fetched into registers during this stage's MMAs, a per-stage table of what each "
+              "k means; sm_90: 246-255 registers, 37 or 29 KB shared memory, 2 blocks per SM), estimated as the longest of "
               "its bytes, its padded FLOPs at MMA_EFF_MAX of tensor peak, issuing MMA_STAGE_INSTR per warp per "
               "stage, and each block's chain of stages (MMA_STAGE_US each, per wave), against cuDNN's convolution "
               "plus our epilogue pass. Mask pass and ratio map are the same on both routes and left out. The auto "

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run. Builds pconv_cuda for the local GPU only (fast); runs the tests of the CUDA
 # backends (failures and errors listed); then the benchmarks on CUDA (fp32 and bf16, batch 1 and 8, both CUDA
-# routes), the per-call host overhead, the whole U-Net and the 3-D layers. Results go to $RESULTS (default docs/):
-# bench_cuda_<dtype>.{json,md,png}, bench_cuda_3d.{json,md}, overhead_cuda.json, bench_model_cuda.json, tests.log
-# (10 files: pack them into one archive where a lease returns few). Every stage is timed and bounded, so the run fits
+# routes; bf16 channels_last), the per-call host overhead, the whole U-Net and the 3-D layers. Results go to $RESULTS (default docs/):
+# bench_cuda_<dtype>.{json,md,png}, bench_cuda_bfloat16_cl.{json,md} (channels_last: the documented fast path),
+# bench_cuda_3d.{json,md}, overhead_cuda.json, bench_model_cuda.json, tests.log (12 files: pack them into one archive where a lease returns few). Every stage is timed and bounded, so the run fits
 # a lease; later stages run even if earlier ones fail.
 #   scripts/gpu_check.sh     PY (default .venv/bin/python, else python3: a machine whose torch is already there),
 #                            MAX_JOBS, CUDA_HOME, PCONV_BUILD_EMU (default 0 here: the emulation is CPU-tested),
@@ -85,6 +85,9 @@ stage tests "${TESTS_LIMIT:-300}" bash -c "OMP_NUM_THREADS=1 '$PY' -P -m pytest 
     tail -n 30 '$RESULTS/tests.log'; exit \$rc"
 stage "bench bfloat16" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 --dtype bfloat16 \
     --json "$RESULTS/bench_cuda_bfloat16.json" --markdown "$RESULTS/bench_cuda_bfloat16.md"
+stage "bench bfloat16 channels_last" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
+    --dtype bfloat16 --channels-last --cuda-routes aten_conv --json "$RESULTS/bench_cuda_bfloat16_cl.json" \
+    --markdown "$RESULTS/bench_cuda_bfloat16_cl.md"
 stage "bench host overhead" "${BENCH_LIMIT:-120}" "$PY" benchmarks/overhead.py --devices cuda \
     --json "$RESULTS/overhead_cuda.json"
 stage "bench U-Net" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 \

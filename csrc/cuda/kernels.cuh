@@ -614,17 +614,21 @@ __device__ __forceinline__ bool mma_unsupported_arch() {
 }
 
 // C[64][64] = sum over k in [k_begin, k_end) of A[m][k] * B[k][n] on tensor cores, by the 128 threads of a block:
-// load_a(m, k) and load_b(k, col) return the operands (zero outside the problem; T, the operand's storage type);
-// thread t gathers B for column t % 64 only, and store(m, col, value) receives every C element of that column
-// from the same thread. 4 warps x (2 x 2 fragments), K staged 32 at a time in padded shared memory; C goes through
-// shared memory, so no code depends on the fragments' element layout.
-template <typename scalar_t, class LoadA, class LoadB, class Store>
-__device__ __forceinline__ void mma_tile(int64_t k_begin, int64_t k_end, const LoadA& load_a, const LoadB& load_b,
-                                         const Store& store) {
+// load_a(m, k, info) and load_b(k, col, info) return the operands (zero outside the problem; T, the operand's
+// storage type), info = prepare(k): what the loaders need of k (its channel, tap and their offsets), formed once per
+// k and stage by 32 threads into a shared table rather than by every element's loader (divisions by the tap count
+// and kernel width: ~40 instructions an element). Thread t gathers B for column t % 64 only, and store(m, col,
+// value) receives every C element of that column from the same thread. 4 warps x (2 x 2 fragments), K staged 32 at
+// a time in padded shared memory; C goes through shared memory, so no code depends on the fragments' element
+// layout.
+template <typename scalar_t, class Prepare, class LoadA, class LoadB, class Store>
+__device__ __forceinline__ void mma_tile(int64_t k_begin, int64_t k_end, const Prepare& prepare, const LoadA& load_a,
+                                         const LoadB& load_b, const Store& store) {
   namespace wmma = nvcuda::wmma;
   using Op = MmaOperand<scalar_t>;
   using T = typename Op::storage_t;
   using E = typename Op::memory_t;
+  using KInfo = decltype(prepare(int64_t(0)));
   constexpr int KS = Op::K;
   constexpr int LDA = kMmaTileK + Op::pad;  // A: [M][K]
   constexpr int LDB = kMmaTileN + Op::pad;  // B: [K][N]
@@ -636,34 +640,42 @@ __device__ __forceinline__ void mma_tile(int64_t k_begin, int64_t k_end, const L
     T a[kMmaTileM * LDA];
     T b[kMmaTileK * LDB];
     float c[kMmaTileM * LDC];
+    KInfo k[2][kMmaTileK];  // prepare(k) of the stage being fetched, double-buffered
   };
   __shared__ Tiles tiles;
   const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
   const int col = tid % kMmaTileN, row0 = tid / kMmaTileN;
   constexpr int kRowStep = kMmaThreads / kMmaTileN;
-
   // Software pipeline through registers: the next stage's operands are fetched (every load of a thread issued
   // back to back, all in flight together) before this stage's MMAs, and reach shared memory after them. A loop
   // that stored each loaded element to shared memory before issuing the next load waited one memory latency per
   // element: 32 per stage, ~8.5 us per 32-K stage measured on an H200, whatever the tile's work.
   constexpr int kAPerThread = kMmaTileM * kMmaTileK / kMmaThreads, kBPerThread = kMmaTileK / kRowStep;
   T ra[kAPerThread], rb[kBPerThread];
+  // The table of stage k0 goes to buffer (k0 - k_begin) / 32 % 2: written before the barrier that precedes its
+  // fetch; the buffer's previous stage was fetched before the barrier that precedes this write.
+  auto prepare_stage = [&](int64_t k0) {
+    if (tid < kMmaTileK && k0 + tid < k_end) tiles.k[((k0 - k_begin) / kMmaTileK) & 1][tid] = prepare(k0 + tid);
+  };
   auto fetch = [&](int64_t k0) {
+    const KInfo* info = tiles.k[((k0 - k_begin) / kMmaTileK) & 1];
 #pragma unroll
     for (int t = 0; t < kAPerThread; ++t) {  // consecutive threads: consecutive k
       const int e = tid + t * kMmaThreads, m = e / kMmaTileK, kk = e % kMmaTileK;
-      ra[t] = k0 + kk < k_end ? load_a(m, k0 + kk) : T(0);
+      ra[t] = k0 + kk < k_end ? load_a(m, k0 + kk, info[kk]) : T(0);
     }
 #pragma unroll
     for (int t = 0; t < kBPerThread; ++t) {
       const int kk = row0 + t * kRowStep;
-      rb[t] = k0 + kk < k_end ? load_b(k0 + kk, col) : T(0);
+      rb[t] = k0 + kk < k_end ? load_b(k0 + kk, col, info[kk]) : T(0);
     }
   };
 
   FragC acc[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  prepare_stage(k_begin);
+  __syncthreads();
   if (k_begin < k_end) fetch(k_begin);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kMmaTileK) {
 #pragma unroll
@@ -673,6 +685,7 @@ __device__ __forceinline__ void mma_tile(int64_t k_begin, int64_t k_end, const L
     }
 #pragma unroll
     for (int t = 0; t < kBPerThread; ++t) tiles.b[(row0 + t * kRowStep) * LDB + col] = rb[t];
+    prepare_stage(k0 + kMmaTileK);
     __syncthreads();
     if (k0 + kMmaTileK < k_end) fetch(k0 + kMmaTileK);  // in flight during the MMAs below
     for (int kk = 0; kk < kMmaTileK; kk += KS) {
@@ -696,6 +709,13 @@ __device__ __forceinline__ void mma_tile(int64_t k_begin, int64_t k_end, const L
   __syncthreads();
   for (int m = row0; m < kMmaTileM; m += kRowStep) store(m, col, tiles.c[m * LDC + col]);
 }
+
+// What the loaders need of one k (mma_tile's prepare): an offset for the A operand's load, one for B's, and a row and
+// column displacement. Each kernel says what they are for it.
+struct MmaK {
+  int64_t a, b;
+  int32_t di, dj;
+};
 
 // Forward: C = W (output channels x K) times the gathered X*M (K x output pixels), then the epilogue.
 template <typename scalar_t>
@@ -722,15 +742,20 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int64_t mi = (g.mask_batch == 1 ? 0 : int64_t(n)) * HWo + p;
   const acc_t r_val = pix_ok ? ratio[mi] : acc_t(0);
   const acc_t u_val = pix_ok ? static_cast<acc_t>(updated_mask[mi]) : acc_t(0);
+  const int64_t at0 = h0 * g.W + w0;  // this pixel's window origin in the image (may lie in the padding)
   mma_tile<scalar_t>(
       0, K,
-      [&](int m, int64_t k) { return co0 + m < Cog ? static_cast<T>(wg[(co0 + m) * K + k]) : T(0); },
-      [&](int64_t k, int) {
-        if (!pix_ok) return T(0);
+      [&](int64_t k) {  // k = (channel c, tap (i, j)); b: the tap's offset from the window origin in X, di/dj: its
+        // dilated row and column
         const uint32_t c = s.taps.div(static_cast<uint32_t>(k)), tap = s.taps.mod(static_cast<uint32_t>(k), c);
         const uint32_t i = s.kw.div(tap), j = s.kw.mod(tap, i);
-        const int64_t h = h0 + int64_t(i) * g.win.dh, wc = w0 + int64_t(j) * g.win.dw;
-        return h >= 0 && h < g.H && wc >= 0 && wc < g.W ? static_cast<T>(xg[int64_t(c) * HW + h * g.W + wc]) : T(0);
+        const int32_t di = static_cast<int32_t>(i * g.win.dh), dj = static_cast<int32_t>(j * g.win.dw);
+        return MmaK{k, int64_t(c) * HW + int64_t(di) * g.W + dj, di, dj};
+      },
+      [&](int m, int64_t, const MmaK& t) { return co0 + m < Cog ? static_cast<T>(wg[(co0 + m) * K + t.a]) : T(0); },
+      [&](int64_t, int, const MmaK& t) {
+        const int64_t h = h0 + t.di, wc = w0 + t.dj;
+        return pix_ok && h >= 0 && h < g.H && wc >= 0 && wc < g.W ? static_cast<T>(xg[at0 + t.b]) : T(0);
       },
       [&](int m, int, float v) {
         const int64_t co = co0 + m;
@@ -787,22 +812,24 @@ __global__ void __launch_bounds__(kMmaThreads)
   const scalar_t* gg = gy + (int64_t(n) * g.C_out + group * Cog) * HWo;
   mma_tile<scalar_t>(
       0, K,
-      [&](int m, int64_t k) {
-        if (c0 + m >= Cg) return T(0);
-        const uint32_t co = gs.taps.div(static_cast<uint32_t>(k)), tap = gs.taps.mod(static_cast<uint32_t>(k), co);
-        return static_cast<T>(wg[(int64_t(co) * Cg + c0 + m) * taps + tap]);
-      },
-      [&](int64_t k, int) {
-        if (!q_ok) return T(0);
+      [&](int64_t k) {  // k = (output channel co, tap (i, j)); a: W[co][.][i][j] less the input channel's part, b: G's
+        // plane co, di/dj: the padding less the dilated tap (an input pixel reads G at (h + di, w + dj) / stride)
         const uint32_t co = gs.taps.div(static_cast<uint32_t>(k)), tap = gs.taps.mod(static_cast<uint32_t>(k), co);
         const uint32_t i = gs.kw.div(tap), j = gs.kw.mod(tap, i);
-        const int64_t hn = int64_t(h) + g.win.ph - int64_t(i) * g.win.dh;
-        const int64_t wn = int64_t(wc) + g.win.pw - int64_t(j) * g.win.dw;
-        if (hn < 0 || wn < 0) return T(0);
+        return MmaK{int64_t(co) * Cg * taps + tap, int64_t(co) * HWo,
+                    static_cast<int32_t>(g.win.ph - int64_t(i) * g.win.dh),
+                    static_cast<int32_t>(g.win.pw - int64_t(j) * g.win.dw)};
+      },
+      [&](int m, int64_t, const MmaK& t) {
+        return c0 + m < Cg ? static_cast<T>(wg[t.a + (c0 + m) * taps]) : T(0);
+      },
+      [&](int64_t, int, const MmaK& t) {
+        const int64_t hn = int64_t(h) + t.di, wn = int64_t(wc) + t.dj;
+        if (!q_ok || hn < 0 || wn < 0) return T(0);
         const uint32_t oh = s.sh.div(static_cast<uint32_t>(hn)), ow = s.sw.div(static_cast<uint32_t>(wn));
         if (s.sh.mod(static_cast<uint32_t>(hn), oh) != 0 || s.sw.mod(static_cast<uint32_t>(wn), ow) != 0) return T(0);
         if (oh >= g.Ho || ow >= g.Wo) return T(0);
-        return static_cast<T>(gg[int64_t(co) * HWo + int64_t(oh) * g.Wo + ow]);
+        return static_cast<T>(gg[t.b + int64_t(oh) * g.Wo + ow]);
       },
       [&](int m, int, float v) {
         const int64_t c = c0 + m;
@@ -847,20 +874,20 @@ __global__ void __launch_bounds__(kMmaThreads)
   const scalar_t* xg = xm + (group * Cg + c) * HW;
   mma_tile<scalar_t>(
       k_begin, k_end,
-      [&](int m, int64_t k) {
-        if (co0 + m >= Cog) return T(0);
-        const uint32_t n = gs.hwo.div(static_cast<uint32_t>(k)), p = gs.hwo.mod(static_cast<uint32_t>(k), n);
-        return static_cast<T>(gg[(int64_t(n) * g.C_out + co0 + m) * HWo + p]);
-      },
-      [&](int64_t k, int) {
-        if (!col_ok) return T(0);
+      [&](int64_t k) {  // k = output pixel (n, oh, ow); a: G's pixel in image n, b: X*M's image n, di/dj: the window
+        // origin (oh * sh - ph, ow * sw - pw)
         const uint32_t n = gs.hwo.div(static_cast<uint32_t>(k)), p = gs.hwo.mod(static_cast<uint32_t>(k), n);
         const uint32_t oh = gs.wo.div(p), ow = gs.wo.mod(p, oh);
-        const int64_t h = int64_t(oh) * g.win.sh - g.win.ph + int64_t(i) * g.win.dh;
-        const int64_t wc = int64_t(ow) * g.win.sw - g.win.pw + int64_t(j) * g.win.dw;
-        return h >= 0 && h < g.H && wc >= 0 && wc < g.W
-                   ? static_cast<T>(xg[int64_t(n) * g.C_in * HW + h * g.W + wc])
-                   : T(0);
+        return MmaK{int64_t(n) * g.C_out * HWo + p, int64_t(n) * g.C_in * HW,
+                    static_cast<int32_t>(int64_t(oh) * g.win.sh - g.win.ph),
+                    static_cast<int32_t>(int64_t(ow) * g.win.sw - g.win.pw)};
+      },
+      [&](int m, int64_t, const MmaK& t) {
+        return co0 + m < Cog ? static_cast<T>(gg[t.a + (co0 + m) * HWo]) : T(0);
+      },
+      [&](int64_t, int, const MmaK& t) {
+        const int64_t h = t.di + int64_t(i) * g.win.dh, wc = t.dj + int64_t(j) * g.win.dw;
+        return col_ok && h >= 0 && h < g.H && wc >= 0 && wc < g.W ? static_cast<T>(xg[t.b + h * g.W + wc]) : T(0);
       },
       [&](int m, int, float v) {
         const int64_t co = co0 + m;
