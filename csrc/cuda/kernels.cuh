@@ -614,10 +614,10 @@ __device__ __forceinline__ bool mma_unsupported_arch() {
 }
 
 // C[64][64] = sum over k in [k_begin, k_end) of A[m][k] * B[k][n] on tensor cores, by the 128 threads of a block:
-// load_a(m, k, info) and load_b(k, col, info) return the operands (zero outside the problem; T, the operand's
-// storage type), info = prepare(k): what the loaders need of k (its channel, tap and their offsets), formed once per
-// k and stage by 32 threads into a shared table rather than by every element's loader (divisions by the tap count
-// and kernel width: ~40 instructions an element). Thread t gathers B for column t % 64 only, and store(m, col,
+// load_a(m, info) returns A[m][k] and load_b(info) this thread's B[k][col] (zero outside the problem; T, the
+// operand's storage type), info = prepare(k): what the loaders need of k (its channel, tap and their offsets), formed
+// once per k and stage by 32 threads into a shared table rather than by every element's loader (divisions by the tap
+// count and kernel width: ~40 instructions an element). Thread t gathers B for column t % 64 only, and store(m, col,
 // value) receives every C element of that column from the same thread. 4 warps x (2 x 2 fragments), K staged 32 at
 // a time in padded shared memory; C goes through shared memory, so no code depends on the fragments' element
 // layout.
@@ -662,12 +662,12 @@ __device__ __forceinline__ void mma_tile(int64_t k_begin, int64_t k_end, const P
 #pragma unroll
     for (int t = 0; t < kAPerThread; ++t) {  // consecutive threads: consecutive k
       const int e = tid + t * kMmaThreads, m = e / kMmaTileK, kk = e % kMmaTileK;
-      ra[t] = k0 + kk < k_end ? load_a(m, k0 + kk, info[kk]) : T(0);
+      ra[t] = k0 + kk < k_end ? load_a(m, info[kk]) : T(0);
     }
 #pragma unroll
     for (int t = 0; t < kBPerThread; ++t) {
       const int kk = row0 + t * kRowStep;
-      rb[t] = k0 + kk < k_end ? load_b(k0 + kk, col, info[kk]) : T(0);
+      rb[t] = k0 + kk < k_end ? load_b(info[kk]) : T(0);
     }
   };
 
@@ -752,8 +752,8 @@ __global__ void __launch_bounds__(kMmaThreads)
         const int32_t di = static_cast<int32_t>(i * g.win.dh), dj = static_cast<int32_t>(j * g.win.dw);
         return MmaK{k, int64_t(c) * HW + int64_t(di) * g.W + dj, di, dj};
       },
-      [&](int m, int64_t, const MmaK& t) { return co0 + m < Cog ? static_cast<T>(wg[(co0 + m) * K + t.a]) : T(0); },
-      [&](int64_t, int, const MmaK& t) {
+      [&](int m, const MmaK& t) { return co0 + m < Cog ? static_cast<T>(wg[(co0 + m) * K + t.a]) : T(0); },
+      [&](const MmaK& t) {
         const int64_t h = h0 + t.di, wc = w0 + t.dj;
         return pix_ok && h >= 0 && h < g.H && wc >= 0 && wc < g.W ? static_cast<T>(xg[at0 + t.b]) : T(0);
       },
@@ -820,10 +820,8 @@ __global__ void __launch_bounds__(kMmaThreads)
                     static_cast<int32_t>(g.win.ph - int64_t(i) * g.win.dh),
                     static_cast<int32_t>(g.win.pw - int64_t(j) * g.win.dw)};
       },
-      [&](int m, int64_t, const MmaK& t) {
-        return c0 + m < Cg ? static_cast<T>(wg[t.a + (c0 + m) * taps]) : T(0);
-      },
-      [&](int64_t, int, const MmaK& t) {
+      [&](int m, const MmaK& t) { return c0 + m < Cg ? static_cast<T>(wg[t.a + (c0 + m) * taps]) : T(0); },
+      [&](const MmaK& t) {
         const int64_t hn = int64_t(h) + t.di, wn = int64_t(wc) + t.dj;
         if (!q_ok || hn < 0 || wn < 0) return T(0);
         const uint32_t oh = s.sh.div(static_cast<uint32_t>(hn)), ow = s.sw.div(static_cast<uint32_t>(wn));
@@ -882,10 +880,8 @@ __global__ void __launch_bounds__(kMmaThreads)
                     static_cast<int32_t>(int64_t(oh) * g.win.sh - g.win.ph),
                     static_cast<int32_t>(int64_t(ow) * g.win.sw - g.win.pw)};
       },
-      [&](int m, int64_t, const MmaK& t) {
-        return co0 + m < Cog ? static_cast<T>(gg[t.a + (co0 + m) * HWo]) : T(0);
-      },
-      [&](int64_t, int, const MmaK& t) {
+      [&](int m, const MmaK& t) { return co0 + m < Cog ? static_cast<T>(gg[t.a + (co0 + m) * HWo]) : T(0); },
+      [&](const MmaK& t) {
         const int64_t h = t.di + int64_t(i) * g.win.dh, wc = t.dj + int64_t(j) * g.win.dw;
         return col_ok && h >= 0 && h < g.H && wc >= 0 && wc < g.W ? static_cast<T>(xg[t.b + h * g.W + wc]) : T(0);
       },
