@@ -131,22 +131,29 @@ def cuda_unavailable() -> Optional[str]:
     return "this build has no CUDA kernels" if ops.MISSING_CUDA_KERNELS else None
 
 
-def make_mask(s: Sample, dtype: torch.dtype, g: torch.Generator) -> Optional[torch.Tensor]:
-    shape = (s.mask_batch or s.n, s.c_in if s.multi_channel else 1, s.h, s.w)
-    if s.mask == "none":
+def mask_of(kind: str, shape: Tuple[int, ...], dtype: torch.dtype, g: torch.Generator,
+            hole: Tuple[slice, ...]) -> Optional[torch.Tensor]:
+    """A mask of a sample's kind (random | ones | zeros | holes | soft | none); `hole`, the spatial region that
+    "holes" clears: larger than the kernel, so some windows have S == 0."""
+    if kind == "none":
         return None
-    if s.mask == "ones":
+    if kind == "ones":
         return torch.ones(shape, dtype=dtype)
-    if s.mask == "zeros":
+    if kind == "zeros":
         return torch.zeros(shape, dtype=dtype)
-    if s.mask == "soft":
+    if kind == "soft":
         # Non-binary values, some windows with S < 1, and exact zeros.
         m = torch.rand(shape, generator=g) * 0.6
         return (m * (m > 0.15)).to(dtype)
     m = (torch.rand(shape, generator=g) > 0.3)
-    if s.mask == "holes":  # a hole larger than the kernel: windows with S == 0
-        m[..., 1:8, 1:7] = False
+    if kind == "holes":
+        m[(Ellipsis, *hole)] = False
     return m.to(dtype)
+
+
+def make_mask(s: Sample, dtype: torch.dtype, g: torch.Generator) -> Optional[torch.Tensor]:
+    shape = (s.mask_batch or s.n, s.c_in if s.multi_channel else 1, s.h, s.w)
+    return mask_of(s.mask, shape, dtype, g, (slice(1, 8), slice(1, 7)))
 
 
 def make_inputs(s: Sample, dtype: torch.dtype = torch.float64, device: str = "cpu", requires_grad: bool = False,

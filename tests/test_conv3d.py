@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import pconv_cuda
-from helpers import ROUNDINGS, assert_rounding_close, nondet_tol, same
+from helpers import ROUNDINGS, assert_rounding_close, mask_of, nondet_tol, same
 from pconv_cuda import functional, reference
 
 Triple = Tuple[int, int, int]
@@ -71,19 +71,7 @@ def make(s: Sample3, dtype=torch.float64, device="cpu", seed=0):
     w = torch.randn(s.c_out, s.c_in // s.groups, *s.kernel, generator=g, dtype=torch.float64) * 0.3
     b = torch.randn(s.c_out, generator=g, dtype=torch.float64) if s.bias else None
     shape = (s.mask_batch or s.n, s.c_in if s.multi_channel else 1, s.d, s.h, s.w)
-    if s.mask == "none":
-        m = None
-    elif s.mask == "ones":
-        m = torch.ones(shape, dtype=torch.float64)
-    elif s.mask == "zeros":
-        m = torch.zeros(shape, dtype=torch.float64)
-    elif s.mask == "soft":  # non-binary values, windows with S < 1, exact zeros
-        m = torch.rand(shape, generator=g, dtype=torch.float64) * 0.6
-        m = m * (m > 0.15)
-    else:
-        m = (torch.rand(shape, generator=g) > 0.3).to(torch.float64)
-        if s.mask == "holes":  # a hole larger than the window: windows with S == 0
-            m[:, :, 0:4, 1:6, 1:5] = 0
+    m = mask_of(s.mask, shape, torch.float64, g, (slice(0, 4), slice(1, 6), slice(1, 5)))
     return tuple(None if t is None else t.to(device=device, dtype=dtype) for t in (x, m, w, b))
 
 
