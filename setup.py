@@ -61,7 +61,10 @@ def extensions():
     # torch.utils.cpp_extension versions pass -std=c++17.
     # -fno-trapping-math: nothing here relies on floating-point exceptions, and without it GCC keeps the hole
     # select X*M (maths.h, masked) as a branch instead of vectorising it.
-    cxx = ["-O3", "-std=c++20", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # -ffp-contract=off: GCC fuses a*b+c into one FMA wherever the ISA has it (the CPU loops' AVX2 form does,
+    # cpu_backend.cpp, parallel_loop), even in ISO mode; off, every CPU (and the emulation) rounds the same way.
+    cxx = ["-O3", "-std=c++20", "-fno-trapping-math", "-ffp-contract=off", "-Wall", "-Wextra",
+           "-Wno-unused-parameter"]
     archs = ""
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)

@@ -29,6 +29,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <sstream>
@@ -43,6 +44,10 @@
 namespace pconv {
 
 using at::Tensor;
+
+// Names a pass in torch.profiler traces (free when no profiler runs): each op's time splits into its passes and
+// the vendor convolution.
+#define PCONV_PASS(name) RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{})
 
 inline bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -137,18 +142,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
     plane = at::empty(input_map_sizes(g, g.mask_batch), ratio.options());
     // An empty batch still has a mask (batch 1) whose maps are returned: then only the plane is formed.
     const Tensor& swept = g.N > 0 ? x : Tensor();
+    PCONV_PASS("pconv::mask_pass");
     if (!prim.mask_pass(mask->contiguous(fmt), swept, xm, plane)) fail_invalid_mask(op, *mask);
   }
-  prim.ratio_update(plane, g, ratio, updated_mask);
+  {
+    PCONV_PASS("pconv::ratio_update");
+    prim.ratio_update(plane, g, ratio, updated_mask);
+  }
 
   const Tensor& conv_in = has(mask) ? xm : x;
   const Tensor b = has(bias) ? bias->contiguous() : Tensor();
   const std::vector<int64_t> no_output_padding(dims, 0);
   auto run = [&](Route route) {
-    if (route == Route::Gemm) return prim.gemm_conv(conv_in, weight, b, ratio, updated_mask, g);
+    if (route == Route::Gemm) {
+      PCONV_PASS("pconv::gemm_conv");
+      return prim.gemm_conv(conv_in, weight, b, ratio, updated_mask, g);
+    }
     Tensor out = at::convolution(conv_in, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
                                  no_output_padding, groups)
                      .contiguous(fmt);
+    PCONV_PASS("pconv::epilogue");
     prim.epilogue(out, ratio, updated_mask, b, g);
     return out;
   };
@@ -173,7 +186,10 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
   const Tensor dy = grad_output.contiguous(fmt);
   Tensor gy = at::empty(dy.sizes(), dy.options(), fmt);
   Tensor db = need_bias ? at::empty({g.C_out}, masked_input.options()) : Tensor();
-  prim.grad_output(dy, gy, db, ratio.contiguous(), updated_mask.contiguous(), g);
+  {
+    PCONV_PASS("pconv::grad_output");
+    prim.grad_output(dy, gy, db, ratio.contiguous(), updated_mask.contiguous(), g);
+  }
 
   Tensor dx, dw;
   if (need_input || need_weight) {
@@ -191,6 +207,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
         dx = std::get<0>(grads).contiguous(fmt);
         if (has(mask)) {  // dX = M * conv_transpose(G, W), zero in holes, in place
           Tensor no_plane;
+          PCONV_PASS("pconv::mask_pass");
           prim.mask_pass(mask->contiguous(fmt), dx, dx, no_plane);
         }
       }
