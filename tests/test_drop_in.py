@@ -150,6 +150,10 @@ def test_autocast_dtype_is_the_users(device, dtype, mask_kind):
     assert want.dtype == dtype  # what the user asked for ...
     assert out.dtype == want.dtype == dtype  # ... and what nn.Conv2d gives
     assert upd.dtype == dtype  # the updated mask is in the op's input dtype
+    with torch.no_grad(), torch.autocast(device, dtype=dtype):  # the no-grad path dispatches below autograd
+        inference, _ = layer(x, m)
+    assert inference.dtype == dtype
+    torch.testing.assert_close(inference, out.detach(), rtol=0, atol=0)
     out.float().sum().backward()
     for t in (x, layer.weight, layer.bias):
         assert t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
