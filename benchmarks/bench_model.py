@@ -1,15 +1,22 @@
 #!/usr/bin/env python
 """Time PConvUNet where a user feels it: one inference, and one training step (forward + InpaintingLoss +
 backward), with ``pconv_cuda.PartialConv2d`` against the same network, same weights, built on
-``pconv_cuda.reference.PartialConv2d``, in the same process.
+``pconv_cuda.reference.PartialConv2d`` (NVIDIA's algorithm), and on a plain ``nn.Conv2d`` that passes the mask
+along unread (``PlainConv2d``: the same network minus every partial-convolution cost, the floor any partial
+convolution is held to), in the same process.
 
     python benchmarks/bench_model.py                       # 256x256, layer_size 7, batch 1 and 4
     python benchmarks/bench_model.py --json bench_model.json --repeats 5
+    python benchmarks/bench_model.py --cuda-graphs         # also inference replayed from a CUDA graph
 
-Runs are interleaved (reference, fused, reference, fused, ...) after warm-up runs, so drifting clocks and caches
-hit both alike; the table gives the median of each and the speed-up = reference / fused. The VGG16 of the loss is
-randomly initialised (its weights do not change its cost) and is the same module for both. If pconv_cuda exports
-the reference layer (no extension built), only the reference column is measured.
+Runs are interleaved (plain, reference, fused, plain, ...) after warm-up runs, so drifting clocks and caches hit
+all alike; the table gives the median of each, the speed-up = reference / fused and fused / plain. The VGG16 of the
+loss is randomly initialised (its weights do not change its cost) and is the same module for all. If pconv_cuda
+exports the reference layer (no extension built), the fused column is left out.
+
+`--cuda-graphs` adds the mode "infer-graph": each network's inference captured once in a CUDA graph and replayed,
+so the host's per-op work (Python, dispatch, allocation, launch calls: most of a layer's time at batch 1-8 on a
+GPU) drops out and what remains is GPU time: the measured counterpart of benchmarks/gpu_model.py's estimate.
 """
 from __future__ import annotations
 
@@ -29,6 +36,20 @@ from pconv_cuda import reference
 from pconv_cuda.inpainting import InpaintingLoss, IrregularMaskGenerator, PConvUNet
 
 
+class PlainConv2d(torch.nn.Conv2d):
+    """``nn.Conv2d`` with the partial convolution's interface (``multi_channel``, ``return_mask``): it convolves the
+    input as it is and passes the mask along unread, subsampled by the stride (views, no kernel), so the network
+    around it (upsampling, concatenation, normalisation) does the same work as with a partial convolution."""
+
+    def __init__(self, *args, multi_channel: bool = False, return_mask: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor):
+        out = super().forward(input)
+        m = mask[:, :1, ::self.stride[0], ::self.stride[1]][..., :out.shape[2], :out.shape[3]]
+        return out, m.expand(m.shape[0], self.out_channels, *out.shape[2:])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=256)
@@ -36,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-channels", type=int, default=64)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time inference replayed from a CUDA graph (mode infer-graph; needs --device cuda)")
     p.add_argument("--repeats", type=int, default=2,
                    help="timed runs per variant and case, median reported (default 2, so that the default run "
                         "takes about 3 minutes on one CPU core; use more where time allows)")
@@ -54,12 +77,14 @@ def _sync(device: torch.device) -> None:
 def _case_fn(
     model: PConvUNet, loss_fn: Optional[InpaintingLoss], mode: str, x: torch.Tensor, m: torch.Tensor
 ) -> Callable[[], None]:
-    if mode == "infer":
+    if mode in ("infer", "infer-graph"):
         model.eval()
 
         def run() -> None:
             with torch.inference_mode():
                 model(x, m)
+
+        return _graphed(run) if mode == "infer-graph" else run
     else:
         model.train()
 
@@ -70,12 +95,29 @@ def _case_fn(
     return run
 
 
+def _graphed(run: Callable[[], None]) -> Callable[[], None]:
+    """`run` captured once in a CUDA graph (after warm-up on a side stream, as torch.cuda.graphs asks); the
+    returned function replays it. The inputs are the same tensors every replay, which is all `run` reads."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # cuDNN's algorithm choice, lazy initialisation: outside the graph
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    variants: Dict[str, type] = {"reference": reference.PartialConv2d}
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("--cuda-graphs needs --device cuda")
+    variants: Dict[str, type] = {"plain": PlainConv2d, "reference": reference.PartialConv2d}
     fused_available = pconv_cuda.PartialConv2d is not reference.PartialConv2d
     if fused_available:
         variants["fused"] = pconv_cuda.PartialConv2d
@@ -94,7 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     gen = IrregularMaskGenerator(args.size, args.size, seed=0)
 
     rows: List[Dict[str, object]] = []
-    for mode in args.modes:
+    modes = list(args.modes) + (["infer-graph"] if args.cuda_graphs else [])
+    for mode in modes:
         for batch in args.batch:
             x = torch.rand(batch, 3, args.size, args.size, device=device)
             m = torch.stack([gen.sample(0.2, 0.4) for _ in range(batch)]).to(device)
@@ -114,6 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 row[f"{name}_all_ms"] = [t * 1e3 for t in ts]
             if fused_available:
                 row["speedup"] = row["reference_ms"] / row["fused_ms"]
+                row["fused_over_plain"] = row["fused_ms"] / row["plain_ms"]
             rows.append(row)
             print(_row_line(row, fused_available), flush=True)
 
@@ -145,22 +189,27 @@ def _cpu_name() -> str:
 
 
 def _row_line(row: Dict[str, object], fused: bool) -> str:
-    s = f"{row['mode']:5s} batch {row['batch']}: reference {row['reference_ms']:.1f} ms"
+    s = f"{row['mode']:11s} batch {row['batch']}: plain {row['plain_ms']:.1f} ms, reference {row['reference_ms']:.1f} ms"
     if fused:
-        s += f", fused {row['fused_ms']:.1f} ms, speed-up {row['speedup']:.2f}x"
+        s += (f", fused {row['fused_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, "
+              f"fused/plain {row['fused_over_plain']:.2f}x")
     return s
 
 
+CASES = {"infer": "inference", "infer-graph": "inference, CUDA graph", "train": "training step (fwd + loss + bwd)"}
+
+
 def format_table(rows: List[Dict[str, object]], fused: bool) -> str:
-    """Markdown table of the medians and the speed-up."""
-    head = "| case | batch | size | reference (ms) |" + (" fused (ms) | speed-up |" if fused else "")
-    sep = "|---|---|---|---|" + ("---|---|" if fused else "")
+    """Markdown table of the medians, the speed-up (reference / fused) and fused / plain."""
+    head = "| case | batch | size | plain (ms) | reference (ms) |" + (
+        " fused (ms) | speed-up | fused/plain |" if fused else "")
+    sep = "|---|---|---|---|---|" + ("---|---|---|" if fused else "")
     lines = [head, sep]
     for r in rows:
-        case = "inference" if r["mode"] == "infer" else "training step (fwd + loss + bwd)"
-        line = f"| {case} | {r['batch']} | {r['size']}x{r['size']} | {r['reference_ms']:.1f} |"
+        line = f"| {CASES[r['mode']]} | {r['batch']} | {r['size']}x{r['size']} | {r['plain_ms']:.1f} | " \
+               f"{r['reference_ms']:.1f} |"
         if fused:
-            line += f" {r['fused_ms']:.1f} | {r['speedup']:.2f}x |"
+            line += f" {r['fused_ms']:.1f} | {r['speedup']:.2f}x | {r['fused_over_plain']:.2f}x |"
         lines.append(line)
     return "\n".join(lines)
 

@@ -90,7 +90,7 @@ stage "bench bfloat16 channels_last" "${BENCH_LIMIT:-120}" "$PY" benchmarks/benc
     --markdown "$RESULTS/bench_cuda_bfloat16_cl.md"
 stage "bench host overhead" "${BENCH_LIMIT:-120}" "$PY" benchmarks/overhead.py --devices cuda \
     --json "$RESULTS/overhead_cuda.json"
-stage "bench U-Net" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 \
+stage "bench U-Net" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 --cuda-graphs \
     --json "$RESULTS/bench_model_cuda.json"
 stage "bench 3-D" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --dims 3 --devices cuda --batch 1 4 \
     --cuda-routes aten_conv --json "$RESULTS/bench_cuda_3d.json" --markdown "$RESULTS/bench_cuda_3d.md"

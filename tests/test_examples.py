@@ -12,6 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+import pconv_cuda
+from pconv_cuda.inpainting import PConvUNet
+
 from helpers import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,10 +148,33 @@ def test_bench_model_runs(tmp_path):
     saved = json.loads(out.read_text())
     assert [(r["mode"], r["batch"]) for r in saved["rows"]] == [("infer", 1), ("infer", 2), ("train", 1), ("train", 2)]
     for r in saved["rows"]:
-        assert r["reference_ms"] > 0
+        assert r["reference_ms"] > 0 and r["plain_ms"] > 0
         if saved["env"]["fused_available"]:
             assert r["fused_ms"] > 0 and r["speedup"] == pytest.approx(r["reference_ms"] / r["fused_ms"])
+            assert r["fused_over_plain"] == pytest.approx(r["fused_ms"] / r["plain_ms"])
     assert "| case | batch |" in bench.format_table(result["rows"], saved["env"]["fused_available"])
+    with pytest.raises(SystemExit, match="--cuda-graphs needs --device cuda"):
+        bench.main(["--cuda-graphs", "--device", "cpu"])
+
+
+def test_plain_conv_baseline_passes_the_mask_along():
+    # The plain network: the same U-Net with every layer an nn.Conv2d that never reads the mask; its masks keep
+    # the shapes the partial convolution's would have, so the network around the layers does the same work.
+    bench = load_example("benchmarks/bench_model.py")
+    torch.manual_seed(0)
+    plain = PConvUNet(4, pconv=bench.PlainConv2d, base_channels=8)
+    fused = PConvUNet(4, pconv=pconv_cuda.PartialConv2d, base_channels=8)
+    plain.load_state_dict(fused.state_dict())
+    x, m = torch.rand(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.3).float()
+    out, out_mask = plain.eval()(x, m)
+    assert out.shape == fused.eval()(x, m)[0].shape == x.shape
+    layer = plain.encoder[0].conv
+    y, ym = layer(x, m.expand(2, 3, 32, 32))
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, layer.weight, layer.bias, 2, 3), rtol=0, atol=0)
+    assert ym.shape == (2, layer.out_channels, 16, 16)
+    torch.testing.assert_close(ym[:, 0], m[:, 0, ::2, ::2])
+
+
 
 
 # Two programs suffice: the examples share their import set-up, and each start costs a torch import.

@@ -312,6 +312,35 @@ def test_cuda_matches_cpu(pconv):
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pconv", PCONVS)
+def test_cuda_graph_replay_matches_eager(pconv):
+    # torch.compile(mode="reduce-overhead") and benchmarks/bench_model.py --cuda-graphs capture the network in a
+    # CUDA graph: nothing in a layer may synchronise with the host or allocate outside the graph's pool, and a
+    # replay on new inputs copied into the captured ones must give what an eager call gives.
+    torch.manual_seed(0)
+    model = PConvUNet(5, pconv=pconv, base_channels=16).cuda().eval()
+    image, mask = torch.rand(2, 3, 64, 64, device="cuda"), _masks(2, 64, 0.2, 0.4).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            model(image, mask)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out, out_mask = model(image, mask)
+    new_image, new_mask = torch.rand_like(image), _masks(2, 64, 0.2, 0.4, seed=1).cuda()
+    image.copy_(new_image)
+    mask.copy_(new_mask)
+    graph.replay()
+    with torch.no_grad():
+        want, want_mask = model(new_image, new_mask)
+    assert torch.equal(out_mask, want_mask)  # window sums of 0/1 values: exact on any path
+    # cuDNN may pick another algorithm inside the capture; its convolutions run on TF32 by default (~1e-3).
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+
+
 def test_gradients_reach_every_trainable_parameter():
     torch.manual_seed(0)
     model = PConvUNet(7, pconv=reference.PartialConv2d, base_channels=8).train()
