@@ -102,14 +102,10 @@ def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, gr
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
     args = (input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
-    path = _autograd_path(input, weight, bias)
-    if path == "op":  # nothing to record: the op itself, below its autograd kernel (Python, ~3.5 us a call)
-        with torch._C._AutoDispatchBelowAutograd():
-            output, updated_mask, _, _ = _op(dims)(*args)
-    elif path == "eager":
-        output, updated_mask, _, _ = _EagerPartialConv.apply(*args)
-    else:
+    if _needs_function():
         output, updated_mask, _, _ = PartialConv2dFunction.apply(*args)
+    else:  # eager: the op, whose C++ autograd kernel records the call when something requires grad
+        output, updated_mask, _, _ = _op(dims)(*args)
     return output, updated_mask
 
 
@@ -118,22 +114,14 @@ def _op(dims: int):
     return torch.ops.pconv_cuda.partial_conv3d.default if dims == 3 else torch.ops.pconv_cuda.partial_conv2d.default
 
 
-def _autograd_path(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
-    """How partial_conv2d runs a call, by what would record it:
-    "function": torch.compile, forward-mode AD or a torch.func transform: PartialConv2dFunction, whose
-        setup_context torch.func needs (it handles or refuses each transform; Dynamo traces it);
-    "eager": reverse mode only: the same Function in the old style (_EagerPartialConv), about 18 us cheaper per
-        call (for a setup_context Function, torch's apply binds default arguments through inspect.signature);
-    "op": nothing records the call (grad disabled or nothing requires grad): the op alone, dispatched below
-        autograd (its registered autograd kernel is Python that would only find nothing to record)."""
+def _needs_function() -> bool:
+    """Whether a call runs through PartialConv2dFunction: under torch.compile, forward-mode AD or a torch.func
+    transform, which need a Python Function's setup_context (it handles or refuses each transform; Dynamo traces
+    it). Plain eager calls, recorded or not, take the op and its C++ autograd (csrc/common/autograd.h): no Python
+    between the layer and the kernels (a Python autograd kernel cost ~20 us a call)."""
     if torch.compiler.is_compiling():
-        return "function"
-    if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
-        return "function"
-    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return "eager"
-    return "op"
+        return True
+    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _single(value, name: str) -> int:
@@ -237,19 +225,6 @@ def _normalised(input, mask, weight, bias, stride, padding, dilation, groups, mu
     n = input.dim() - 2
     return (input, mask, weight, bias, _ntuple(stride, n, "stride"), _ntuple(padding, n, "padding"),
             _ntuple(dilation, n, "dilation"), groups, bool(multi_channel))
-
-
-class _EagerPartialConv(torch.autograd.Function):
-    """PartialConv2dFunction in the old style (forward takes ctx), for reverse-mode eager calls; see _autograd_path.
-    Takes normalised arguments."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _run_op(*inputs)
-        _save(ctx, inputs, output)
-        return output
-
-    backward = PartialConv2dFunction.backward
 
 
 def _run_op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):

@@ -1,8 +1,9 @@
-"""Python-side registrations of the pconv_cuda ops: fake (meta) kernels, autograd, autocast, and a clear error
-for devices the build has no kernels for. The schemas and the real kernels live in csrc/.
+"""Python-side registrations of the pconv_cuda ops: fake (meta) kernels, autocast, and a clear error for devices
+the build has no kernels for; and the backward of PartialConv2dFunction. The schemas, the real kernels and the ops'
+own autograd live in csrc/.
 
 `register_library(ns)` does it for one op library; it runs for `pconv_cuda` here and for `pconv_cuda_emu` (the
-CUDA kernels under the SIMT emulation, see pconv_cuda/emu.py), so both get the same fake kernels and backward.
+CUDA kernels under the SIMT emulation, see pconv_cuda/emu.py), so both get the same fake kernels and autocast.
 """
 from __future__ import annotations
 
@@ -82,10 +83,10 @@ def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channe
     return _empty(shape, mask, _ratio_dtype(dtype)), _empty(shape, mask, dtype)
 
 
-# --- autograd: one backward shared by the ops' registrations and the public autograd.Function --------------------
+# --- autograd of PartialConv2dFunction (torch.func, forward-mode AD, torch.compile); the ops' own autograd is the
+# same backward in C++ (csrc/common/autograd.h), which eager calls record ------------------------------------------
 
-def save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, conv_args,
-                      ns: str = "pconv_cuda") -> None:
+def save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, conv_args) -> None:
     # The weight gradient needs the convolution's input: X*M as the forward formed it (the input for mask=None),
     # so the backward never rebuilds it. This keeps one input-sized tensor per layer alive until the backward.
     # Under autocast the op ran on cast copies: the backward takes the input and weight in the dtype it computed in
@@ -99,7 +100,6 @@ def save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, maske
     ctx.save_for_backward(conv_input, as_computed(mask), as_computed(weight), ratio, updated_mask)
     ctx.conv_args = conv_args  # (stride, padding, dilation, groups, multi_channel)
     ctx.has_bias = bias is not None
-    ctx.ns = ns
 
 
 def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = None
@@ -122,7 +122,7 @@ def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = 
             grad_output, conv_input, mask, weight, ratio, updated_mask, ctx.conv_args, output_mask)
     else:
         dims = conv_input.dim() - 2
-        backward = getattr(getattr(torch.ops, ctx.ns), f"_partial_conv{dims}d_backward").default
+        backward = getattr(torch.ops.pconv_cuda, f"_partial_conv{dims}d_backward").default
         grad_input, grad_weight, grad_bias = backward(grad_output, conv_input, mask, weight, ratio, updated_mask,
                                                       *ctx.conv_args, output_mask)
     if grad_masked_input is not None and mask is not None and output_mask[0]:
@@ -155,29 +155,14 @@ def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_
     return grad_input, grad_weight, grad_bias
 
 
-def _backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
-    grad_input, grad_weight, grad_bias = input_grads(ctx, grad_output, grad_masked_input)
-    return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
-
-
 def register_library(ns: str) -> None:
-    """Fake kernels and autograd for the ops of library `ns` (which defines them with csrc's schemas)."""
+    """Fake kernels and autocast for the ops of library `ns` (which defines them with csrc's schemas, and registers
+    their autograd in C++: csrc/common/autograd.h)."""
     for op in CONV_OPS:
         torch.library.register_fake(f"{ns}::{op}")(_conv_fake(op))
         torch.library.register_fake(f"{ns}::_{op}_backward")(_partial_conv_backward_fake)
-    torch.library.register_fake(f"{ns}::mask_update")(_mask_update_fake)
-
-    def setup_context(ctx, inputs, output) -> None:
-        input, mask, weight, bias, *conv_args = inputs
-        _, updated_mask, ratio, masked_input = output
-        save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, tuple(conv_args), ns)
-        # masked_input (X*M) stays differentiable: a double backward reaches X through the weight gradient.
-        ctx.mark_non_differentiable(updated_mask, ratio)
-        ctx.set_materialize_grads(False)
-
-    for op in CONV_OPS:
-        torch.library.register_autograd(f"{ns}::{op}", _backward, setup_context=setup_context)
         register_autocast(ns, op)
+    torch.library.register_fake(f"{ns}::mask_update")(_mask_update_fake)
 
 
 _LIBS: List[torch.library.Library] = []

@@ -120,11 +120,11 @@ def test_mask_update_of_an_empty_mask(backend, shape, multi):
     assert not ratio.any() and not upd.any()
 
 
-# --- the three ways partial_conv2d runs a call -------------------------------------------------------------------
+# --- the two ways partial_conv2d runs a call ---------------------------------------------------------------------
 
 def test_each_autograd_path_is_taken_where_documented_and_gives_the_same_result(main_backend):
-    # functional._autograd_path: the bare op when nothing records, the old-style Function for eager reverse mode,
-    # PartialConv2dFunction under torch.func and forward-mode AD. Same op and backward: the same numbers.
+    # functional._needs_function: eager calls run the op, whose C++ autograd (csrc/common/autograd.h) records them;
+    # torch.func and forward-mode AD run PartialConv2dFunction. Same op and backward: the same numbers.
     import torch.autograd.forward_ad as forward_ad
     from pconv_cuda import functional
 
@@ -133,21 +133,26 @@ def test_each_autograd_path_is_taken_where_documented_and_gives_the_same_result(
     seen = []
 
     def run(x, w, b):
-        seen.append(functional._autograd_path(x, w, b))
+        seen.append("function" if functional._needs_function() else "op")
         return pconv_cuda.partial_conv2d(x, m, w, b, *conv_args(s))[0]
 
     with torch.no_grad():
         out_op = run(x, w, b)
+    assert out_op.grad_fn is None
     out_eager = run(x, w, b)
-    assert out_eager.grad_fn is not None and "Eager" in type(out_eager.grad_fn).__name__
+    assert out_eager.grad_fn is not None and "PartialConvFunction" in out_eager.grad_fn.name()
     grad = torch.randn_like(out_eager)
     eager = torch.autograd.grad(out_eager, (x, w, b), grad)
     func = torch.func.vjp(run, x, w, b)[1](grad)
     with forward_ad.dual_level():
         with pytest.raises(NotImplementedError, match="jvp"):  # the Function refuses forward mode, clearly
             run(forward_ad.make_dual(x.detach(), torch.ones_like(x)), w.detach(), b.detach())
-    assert seen == ["op", "eager", "function", "function"]
-    same(out_op, out_eager, "output: op vs eager")
+    assert seen == ["op", "op", "function", "function"]
+    with forward_ad.dual_level():  # the op itself refuses dual tensors too, instead of dropping their tangents
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            main_backend.ops.partial_conv2d(forward_ad.make_dual(x.detach(), torch.ones_like(x)), m, w.detach(),
+                                            b.detach(), *conv_args(s))
+    same(out_op, out_eager, "output: no grad vs recorded")
     # torch.func differentiates with the graph kept (the differentiable ATen formulation of the same backward,
     # ops._differentiable_grads): float64 summation order only.
     for name, a, c in zip(("input", "weight", "bias"), eager, func):

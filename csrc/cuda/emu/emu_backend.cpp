@@ -12,6 +12,7 @@
 #include <functional>
 #include <type_traits>
 
+#include "../../common/autograd.h"
 #include "../../common/schemas.h"
 #include "simt_emu.h"  // after every library header: it defines CUDA's keywords
 // clang-format off
@@ -352,10 +353,18 @@ Tensor emu_selftest(c10::string_view name, const Tensor& input) {
 }  // namespace emu
 }  // namespace pconv
 
+namespace {
+struct EmuLibrary {
+  static constexpr const char* ns = "pconv_cuda_emu";
+};
+}  // namespace
+
 TORCH_LIBRARY(pconv_cuda_emu, m) {
   pconv::define_ops(m);
   m.def("_emu_selftest(str name, Tensor input) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(pconv_cuda_emu, Autograd, m) { pconv::impl_autograd<EmuLibrary>(m); }
 
 TORCH_LIBRARY_IMPL(pconv_cuda_emu, CPU, m) {
   pconv::impl_ops<pconv::emu::EmuBackend>(m);
