@@ -36,21 +36,21 @@ inline at::Tensor hole_select(const at::Tensor& t, const at::Tensor& mask) {
   return at::where(m == 0, at::zeros({}, t.options()), t * m);
 }
 
+template <class Sig>
+c10::TypedOperatorHandle<Sig> find_op(const std::string& name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").template typed<Sig>();
+}
+
 // The Function of one library (Lib::ns) and dimensionality.
 template <class Lib, int64_t Dims>
 struct PartialConvFunction : public torch::autograd::Function<PartialConvFunction<Lib, Dims>> {
   static const c10::TypedOperatorHandle<ConvSig>& forward_op() {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow((std::string(Lib::ns) + "::partial_conv" +
-                                                   std::to_string(Dims) + "d").c_str(), "")
-                               .template typed<ConvSig>();
+    static const auto op = find_op<ConvSig>(std::string(Lib::ns) + "::partial_conv" + std::to_string(Dims) + "d");
     return op;
   }
   static const c10::TypedOperatorHandle<ConvBackwardSig>& backward_op() {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow((std::string(Lib::ns) + "::_partial_conv" +
-                                                   std::to_string(Dims) + "d_backward").c_str(), "")
-                               .template typed<ConvBackwardSig>();
+    static const auto op =
+        find_op<ConvBackwardSig>(std::string(Lib::ns) + "::_partial_conv" + std::to_string(Dims) + "d_backward");
     return op;
   }
 
