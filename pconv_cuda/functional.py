@@ -118,7 +118,7 @@ def _needs_function() -> bool:
     """Whether a call runs through PartialConv2dFunction: under torch.compile, forward-mode AD or a torch.func
     transform, which need a Python Function's setup_context (it handles or refuses each transform; Dynamo traces
     it). Plain eager calls, recorded or not, take the op and its C++ autograd (csrc/common/autograd.h): no Python
-    between the layer and the kernels (a Python autograd kernel cost ~20 us a call)."""
+    in the autograd bookkeeping or the backward (a Python autograd kernel cost ~20 us a call)."""
     if torch.compiler.is_compiling():
         return True
     return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run. Builds pconv_cuda for the local GPU only (fast); runs the tests of the CUDA
 # backends (failures and errors listed); then the benchmarks on CUDA (fp32 and bf16, batch 1 and 8, both CUDA
-# routes; bf16 channels_last), the per-call host overhead, the whole U-Net and the 3-D layers. Results go to $RESULTS (default docs/):
+# routes; bf16 channels_last), the per-call host overhead, the whole U-Net (eager, and inference replayed from a CUDA
+# graph: GPU time alone; each against the same network on plain convolutions) and the 3-D layers. Results go to $RESULTS (default docs/):
 # bench_cuda_<dtype>.{json,md,png}, bench_cuda_bfloat16_cl.{json,md} (channels_last: the documented fast path),
 # bench_cuda_3d.{json,md}, overhead_cuda.json, bench_model_cuda.json, tests.log (12 files: pack them into one archive where a lease returns few). Every stage is timed and bounded, so the run fits
 # a lease; later stages run even if earlier ones fail.
