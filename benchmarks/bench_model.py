@@ -189,7 +189,8 @@ def _cpu_name() -> str:
 
 
 def _row_line(row: Dict[str, object], fused: bool) -> str:
-    s = f"{row['mode']:11s} batch {row['batch']}: plain {row['plain_ms']:.1f} ms, reference {row['reference_ms']:.1f} ms"
+    s = (f"{row['mode']:11s} batch {row['batch']}: plain {row['plain_ms']:.1f} ms, "
+         f"reference {row['reference_ms']:.1f} ms")
     if fused:
         s += (f", fused {row['fused_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, "
               f"fused/plain {row['fused_over_plain']:.2f}x")

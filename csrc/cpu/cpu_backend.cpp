@@ -1,6 +1,6 @@
-// The CPU backend: the primitives of common/op_flow.h as loops over at::parallel_for (parallel_loop), ATen's convolution (oneDNN)
-// on the aten_conv route, and an im2col + GEMM per image on the gemm route (small output maps, see
-// CpuPrimitives::auto_candidates).
+// The CPU backend: the primitives of common/op_flow.h as loops over at::parallel_for (parallel_loop), ATen's
+// convolution (oneDNN) on the aten_conv route, and an im2col + GEMM per image on the gemm route (small output maps,
+// see CpuPrimitives::auto_candidates).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
