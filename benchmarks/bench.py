@@ -57,6 +57,7 @@ class Row:
     peer_ms: float
     fused_over_peer: float
     peak_mb: Optional[Dict[str, float]] = None
+    faults: Optional[Dict[str, float]] = None  # CPU: median minor page faults per call, per variant
 
 
 @dataclass(frozen=True)
@@ -181,14 +182,28 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, chann
             step(fns[name])
             peak[name] = torch.cuda.max_memory_allocated() / 2**20
     times: Dict[str, List[float]] = {n: [] for n in names}
+    faults: Dict[str, List[int]] = {n: [] for n in names}
     for r in range(repeats):
         for name in rotation(names, r):
+            before = minor_faults()
             times[name].append(clock.time_ms(lambda: step(fns[name])))
+            faults[name].append(minor_faults() - before)
     med = {n: statistics.median(t) for n, t in times.items()}
+    fault_med = None if clock.cuda or minor_faults() < 0 else {n: statistics.median(f) for n, f in faults.items()}
     return Row(device, layer.name, shape_of(layer),
                "multi" if multi else "single", batch, "fwd+bwd" if backward else "fwd", med["plain"],
                med["reference"], med["fused"], med["fused"] / med["plain"], med["reference"] / med["fused"],
-               med["peer"], med["fused"] / med["peer"], peak)
+               med["peer"], med["fused"] / med["peer"], peak, fault_med)
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (-1 where the OS does not say): on a CPU, first touches of freshly
+    allocated memory, a large and allocator-dependent part of a layer's time (docs/benchmarks.md)."""
+    try:
+        import resource
+    except ImportError:
+        return -1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def summarise(rows: List[Row]) -> List[str]:
@@ -347,7 +362,8 @@ def main(argv=None) -> int:
                               f"{r.fused_over_plain:10.2f}x {r.reference_over_fused:8.2f}x {r.fused_over_peer:9.2f}x"
                               + (f"  peak MB plain/ref/fused/peer {r.peak_mb['plain']:.0f}/"
                                  f"{r.peak_mb['reference']:.0f}/{r.peak_mb['fused']:.0f}/{r.peak_mb['peer']:.0f}"
-                                 if r.peak_mb else ""), flush=True)
+                                 if r.peak_mb else "")
+                              + (f"  faults {_faults(r)}" if r.faults else ""), flush=True)
     summary = summarise(rows)
     print()
     print("\n".join(summary))
@@ -366,6 +382,10 @@ def main(argv=None) -> int:
             f.write(markdown(rows, summary, repeats, args, argv, None if why_not or not args.plot else args.plot))
         print(f"markdown: wrote {args.markdown}")
     return 0
+
+
+def _faults(r: Row) -> str:
+    return "/".join(f"{r.faults[n]:.0f}" for n in ("plain", "reference", "fused", "peer"))
 
 
 def machine(rows: List[Row]) -> str:
@@ -388,17 +408,21 @@ def markdown(rows: List[Row], summary: List[str], repeats: int, args, argv, plot
            f"median of {repeats} interleaved repeats per variant. MEASURED on this machine ({machine(rows)}); on a "
            f"shared machine single cases are noisy (compare medians over layers). CUDA times are CUDA events around "
            f"each eager call: for small layers they include the host's launch work as much as kernel time. Ratios: "
-           f"fused/plain and fused/peer < 1 and ref/fused > 1 mean the fused op is faster.", ""]
+           f"fused/plain and fused/peer < 1 and ref/fused > 1 mean the fused op is faster."
+           + (" Page faults: the median number of minor page faults per call (plain/ref/fused/peer), first touches "
+              "of freshly allocated memory; on a CPU they are a large part of a layer's time, and how many a call "
+              "takes depends on the allocator's state (glibc returns freed memory at the heap top to the OS), so "
+              "they explain much of the spread between runs." if any(r.faults for r in rows) else ""), ""]
     if plot_path:
         out += [f"![per-layer ratios]({os.path.relpath(plot_path, os.path.dirname(os.path.abspath(args.markdown)))})",
                 ""]
     out += ["```", *summary, "```", "",
             "| device | layer | shape | mask | N | pass | plain ms | ref ms | fused ms | peer ms | fused/plain | "
-            "ref/fused | fused/peer |", "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "ref/fused | fused/peer | page faults |", "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r.device} | {r.layer} | {r.shape} | {r.mask} | {r.batch} | {r.pass_} | {r.plain_ms:.2f} | "
                    f"{r.reference_ms:.2f} | {r.fused_ms:.2f} | {r.peer_ms:.2f} | {r.fused_over_plain:.2f} | "
-                   f"{r.reference_over_fused:.2f} | {r.fused_over_peer:.2f} |")
+                   f"{r.reference_over_fused:.2f} | {r.fused_over_peer:.2f} | {_faults(r) if r.faults else '-'} |")
     return "\n".join(out) + "\n"
 
 
