@@ -33,6 +33,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+try:
+    import resource  # Unix: page-fault counts
+except ImportError:
+    resource = None
+
 import pconv_cuda
 from pconv_cuda import reference
 
@@ -199,11 +204,7 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, chann
 def minor_faults() -> int:
     """This process's minor page faults so far (-1 where the OS does not say): on a CPU, first touches of freshly
     allocated memory, a large and allocator-dependent part of a layer's time (docs/benchmarks.md)."""
-    try:
-        import resource
-    except ImportError:
-        return -1
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return -1 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def summarise(rows: List[Row]) -> List[str]:

@@ -68,10 +68,7 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
     // mask=None), so the backward never rebuilds it (one input-sized tensor kept per layer).
     ctx->save_for_backward({has_mask ? masked_input : input, has_mask ? *mask : at::Tensor(), weight, ratio,
                             updated_mask});
-    // Autograd's edges are the tensor arguments present: input, [mask], weight, [bias].
-    const int64_t weight_edge = has_mask ? 2 : 1;
-    ctx->saved_data["weight_edge"] = weight_edge;
-    ctx->saved_data["bias_edge"] = has_bias ? weight_edge + 1 : int64_t(-1);
+    ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
@@ -84,16 +81,16 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
-    const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
-    const bool need_input = ctx->needs_input_grad(0);
-    const bool need_weight = ctx->needs_input_grad(weight_edge);
-    const bool need_bias = bias_edge >= 0 && ctx->needs_input_grad(bias_edge);
-    torch::autograd::variable_list result(9);  // one per forward argument: input, mask, weight, bias, ...
-    if (!need_input && !need_weight && !need_bias) return result;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &conv_input = saved[0], &mask = saved[1], &weight = saved[2], &ratio = saved[3],
                      &updated_mask = saved[4];
+    // Autograd's edges are the tensor arguments present: input, [mask], weight, [bias].
+    const size_t weight_edge = mask.defined() ? 2 : 1;
+    const bool need_input = ctx->needs_input_grad(0);
+    const bool need_weight = ctx->needs_input_grad(weight_edge);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(weight_edge + 1);
+    torch::autograd::variable_list result(9);  // one per forward argument: input, mask, weight, bias, ...
+    if (!need_input && !need_weight && !need_bias) return result;
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
     const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
@@ -119,9 +116,9 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
       const at::Tensor extra = hole_select(grad_masked_input, mask);
       grad_input = grad_input.defined() ? grad_input + extra : extra;
     }
-    result[0] = need_input ? grad_input : at::Tensor();
-    result[2] = need_weight ? grad_weight : at::Tensor();
-    result[3] = need_bias ? grad_bias : at::Tensor();
+    result[0] = grad_input;  // each defined only where asked for
+    result[2] = grad_weight;
+    result[3] = grad_bias;
     return result;
   }
 
