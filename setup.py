@@ -1,6 +1,8 @@
 """Builds pconv_cuda._C: the CPU kernels always; the CUDA sources when a CUDA toolkit and a CUDA build of torch
 are present (no GPU needed). FORCE_CUDA=1 / FORCE_CUDA=0 override; TORCH_CUDA_ARCH_LIST overrides the arch list.
 PCONV_BUILD_EMU=1 also builds pconv_cuda._emu, the CUDA kernels under the SIMT emulation (test tooling, CPU only).
+The cudnn_fused CUDA route needs cudnn-frontend's headers (cudnn_frontend_config); without them the build goes on
+without the route and says so.
 On Linux each built module must need libstdc++.so when torch does (a static libstdc++ crashes the process on the
 first formatted error message); PCONV_ALLOW_STATIC_LIBSTDCXX=1 makes that check a warning.
 """
@@ -44,6 +46,76 @@ def cuda_decision():
     return True, f"CUDA toolkit at {toolkit} and torch built for CUDA {torch.version.cuda}"
 
 
+def _first_dir(candidates, needed):
+    """The first existing directory among `candidates` that holds the file `needed`, else None."""
+    for d in candidates:
+        if d and os.path.isfile(os.path.join(d, needed)):
+            return d
+    return None
+
+
+def _package_dir(distribution, *parts):
+    """A directory inside an installed pip distribution (e.g. the headers a wheel ships), or None."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution as dist
+        return str(dist(distribution).locate_file(os.path.join(*parts)))
+    except (ImportError, PackageNotFoundError):
+        return None
+
+
+def _frontend_version(include_dir):
+    """CUDNN_FRONTEND_VERSION (major * 10000 + minor * 100 + patch) from the headers, 0 if unreadable."""
+    import re
+    try:
+        with open(os.path.join(include_dir, "cudnn_frontend_version.h")) as f:
+            text = f.read()
+        major, minor, patch = (int(re.search(rf"CUDNN_FRONTEND_{n}_VERSION\s+(\d+)", text).group(1))
+                               for n in ("MAJOR", "MINOR", "PATCH"))
+        return major * 10000 + minor * 100 + patch
+    except (OSError, AttributeError):
+        return 0
+
+
+def cudnn_frontend_config():
+    """(include dirs, link args, message) for the cudnn_fused route, or (None, None, why not).
+
+    The route needs cudnn-frontend's headers (CUDNN_FRONTEND_INCLUDE, else the nvidia-cudnn-frontend wheel), cudnn.h
+    (CUDNN_INCLUDE_DIR, else the nvidia-cudnn wheel torch depends on, else the CUDA toolkit or /usr/include) and
+    libcudnn to link (CUDNN_LIB_DIR, else the same places; torch has loaded it by the time _C is). PCONV_CUDNN_FUSED=0
+    builds without the route."""
+    if os.environ.get("PCONV_CUDNN_FUSED") == "0":
+        return None, None, "PCONV_CUDNN_FUSED=0"
+    fe_dir = _first_dir([os.environ.get("CUDNN_FRONTEND_INCLUDE"), _package_dir("nvidia-cudnn-frontend", "include")],
+                        "cudnn_frontend.h")
+    if fe_dir is None:
+        return None, None, ("cudnn-frontend headers not found (pip install 'nvidia-cudnn-frontend>=1.16,<1.19', or "
+                            "set CUDNN_FRONTEND_INCLUDE)")
+    version = _frontend_version(fe_dir)
+    if not (10600 <= version < 11900):
+        # From 1.19 the headers include nvrtc.h and call NVRTC (an engine compiled at run time), which a
+        # toolkit without NVRTC's headers cannot build; before 1.16 the graph API lacks what the route uses.
+        return None, None, (f"cudnn-frontend {version // 10000}.{version // 100 % 100} at {fe_dir} is outside the "
+                            "supported range >=1.16,<1.19")
+    wheel_cudnn = None
+    try:
+        import nvidia.cudnn  # the wheel torch's CUDA build depends on
+        wheel_cudnn = list(nvidia.cudnn.__path__)[0]
+    except (ImportError, IndexError):
+        pass
+    toolkit = cpp_extension.CUDA_HOME or ""
+    inc = _first_dir([os.environ.get("CUDNN_INCLUDE_DIR"), wheel_cudnn and os.path.join(wheel_cudnn, "include"),
+                      os.path.join(toolkit, "include"), "/usr/include", "/usr/include/x86_64-linux-gnu"], "cudnn.h")
+    if inc is None:
+        return None, None, "cudnn.h not found (set CUDNN_INCLUDE_DIR)"
+    lib_dirs = [os.environ.get("CUDNN_LIB_DIR"), wheel_cudnn and os.path.join(wheel_cudnn, "lib"),
+                os.path.join(toolkit, "lib64"), "/usr/lib/x86_64-linux-gnu", "/usr/lib64"]
+    for name in ("libcudnn.so", "libcudnn.so.9"):
+        lib = _first_dir(lib_dirs, name)
+        if lib is not None:
+            return [fe_dir, inc], [f"-L{lib}", f"-l:{name}"], f"cudnn-frontend {version // 10000}.{version // 100 % 100} at {fe_dir}, cudnn.h at {inc}"
+    return None, None, "libcudnn not found (set CUDNN_LIB_DIR)"
+
+
 def write_build_info(with_cuda, archs):
     # Read by pconv_cuda/__init__.py to explain a torch mismatch instead of failing on an undefined symbol.
     with open(os.path.join(ROOT, "pconv_cuda", "_build_info.py"), "w") as f:
@@ -69,11 +141,20 @@ def extensions():
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         print(f"pconv_cuda: building CPU + CUDA kernels ({why}); archs {archs}", flush=True)
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/cudnn_fused.cpp"]
+        fe_include, fe_link, fe_why = cudnn_frontend_config()
+        if fe_include is None:
+            print(f"pconv_cuda: building WITHOUT the cudnn_fused route: {fe_why}", flush=True)
+        else:
+            print(f"pconv_cuda: building the cudnn_fused route ({fe_why})", flush=True)
         ext = cpp_extension.CUDAExtension(
             "pconv_cuda._C", sources,
-            define_macros=[("PCONV_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+            define_macros=[("PCONV_WITH_CUDA", "1"), ("PCONV_WITH_CUDNN_FRONTEND", "0" if fe_include is None else "1"),
+                           ("CUDNN_FRONTEND_SKIP_JSON_LIB", None)],
+            extra_link_args=fe_link or [],
+            # -isystem: the frontend's headers are not ours to keep free of warnings.
+            extra_compile_args={"cxx": cxx + [f for d in fe_include or [] for f in ("-isystem", d)],
+                                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
         )
     else:
         print(f"pconv_cuda: building CPU kernels only ({why})", flush=True)

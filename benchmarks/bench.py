@@ -15,8 +15,15 @@ variants run interleaved and the median of each is reported with three ratios:
     python benchmarks/bench.py --plot bench.png        # per-layer ratio bars at batch 1 (needs matplotlib)
     python benchmarks/bench.py --dims 3                # 3-D layers of a video-inpainting U-Net (8 frames x 128 px)
 CUDA rows (CUDA-event timing after warm-up, peak memory) run when a GPU is present and pconv_cuda has CUDA
-kernels, once per CUDA route (--cuda-routes, default both: aten_conv, i.e. cuDNN plus our passes, and gemm, our
-implicit-GEMM kernel; "auto" measures what users get by default).
+kernels, once per CUDA route (--cuda-routes, default aten_conv, i.e. cuDNN plus our passes, and gemm, our
+implicit-GEMM kernel; cudnn_fused runs the renormalisation inside cuDNN's kernel, channels_last only; "auto"
+measures what users get by default).
+    python benchmarks/bench.py --devices cuda --gpu-time --compile --channels-last --dtype bfloat16 \
+        --cuda-routes aten_conv cudnn_fused
+--gpu-time captures each variant's call in a CUDA graph and times its replays: GPU time alone, without the host's
+per-op work (eager CUDA times of small layers are mostly launch overhead). --compile adds NVIDIA's layer and the
+peer under torch.compile (mode "default"; in eager timing also "reduce-overhead", which replays CUDA graphs of its
+own): what a user might try instead of this package.
 """
 from __future__ import annotations
 
@@ -63,6 +70,12 @@ class Row:
     fused_over_peer: float
     peak_mb: Optional[Dict[str, float]] = None
     faults: Optional[Dict[str, float]] = None  # CPU: median minor page faults per call, per variant
+    extra_ms: Optional[Dict[str, float]] = None  # --compile: medians of the compiled variants
+    timing: str = "eager"  # or "cuda_graph": replays of a captured call (--gpu-time)
+
+    def fused_over(self, variant: str) -> Optional[float]:
+        """fused / a compiled variant (--compile), None when it was not measured."""
+        return self.fused_ms / self.extra_ms[variant] if self.extra_ms and variant in self.extra_ms else None
 
 
 @dataclass(frozen=True)
@@ -118,18 +131,30 @@ def make_case(layer, batch: int, multi: bool, device: str, dtype: torch.dtype, s
     return x, m, conv
 
 
-def variants(x, m, conv, multi: bool) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+# The compiled variants of --compile: (name, the eager variant compiled, torch.compile mode).
+COMPILED = [("reference_compiled", "reference", "default"), ("peer_compiled", "peer", "default"),
+            ("reference_compiled_ro", "reference", "reduce-overhead"), ("peer_compiled_ro", "peer", "reduce-overhead")]
+
+
+def variants(x, m, conv, multi: bool, compiled: Tuple[str, ...] = (),
+             graph_safe: bool = False) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The timed functions of x. compiled: the torch.compile modes of the COMPILED variants to add."""
     w, b, s, p = conv.weight, conv.bias, conv.stride, conv.padding
     three_d = w.dim() == 5
     plain = F.conv3d if three_d else F.conv2d
     unfused = reference.partial_conv3d if three_d else reference.partial_conv2d
     fused = pconv_cuda.partial_conv3d if three_d else pconv_cuda.partial_conv2d
-    return {
+    fns = {
         "plain": lambda x: plain(x, w, b, s, p),
         "reference": lambda x: unfused(x, m, w, b, s, p, 1, 1, multi)[0],
         "fused": lambda x: fused(x, m, w, b, s, p, 1, 1, multi)[0],
         "peer": lambda x: peer_partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
     }
+    for name, base, mode in COMPILED:
+        if mode not in compiled or (graph_safe and mode == "reduce-overhead"):
+            continue  # reduce-overhead's own CUDA graphs cannot be captured in ours; captured "default" is the same
+        fns[name] = torch.compile(fns[base], mode=mode, dynamic=False)
+    return fns
 
 
 class Clock:
@@ -157,9 +182,25 @@ def rotation(names: List[str], r: int) -> List[str]:
     return names[r % len(names):] + names[:r % len(names)]
 
 
-def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, channels_last=False) -> Row:
+def captured(step: Callable[[Callable], None], fn) -> Callable[[], None]:
+    """The call `step(fn)` captured in a CUDA graph (after warm-up on a side stream, as torch documents): replaying
+    it repeats the call's GPU work with no host work per op."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step(fn)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(fn)
+    return graph.replay
+
+
+def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, channels_last=False,
+             compiled: Tuple[str, ...] = (), gpu_time=False) -> Row:
     x, m, conv = make_case(layer, batch, multi, device, dtype, channels_last=channels_last)
-    fns = variants(x, m, conv, multi)
+    fns = variants(x, m, conv, multi, compiled, graph_safe=gpu_time)
     grad = None
     if backward:
         x.requires_grad_(True)
@@ -171,15 +212,19 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, chann
             with torch.no_grad():
                 fn(x)
             return
-        x.grad = None
-        conv.weight.grad = None
-        conv.bias.grad = None
+        if not gpu_time:  # a captured backward writes the same .grad tensors at each replay
+            x.grad = None
+            conv.weight.grad = None
+            conv.bias.grad = None
         fn(x).backward(grad)
 
     names = list(fns)
     peak = None
-    for name in names:  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning
+    for name in names:  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning, torch.compile
         step(fns[name])
+    calls = {n: (lambda n=n: step(fns[n])) for n in names}
+    if gpu_time:
+        calls = {n: captured(step, fns[n]) for n in names}
     if clock.cuda:
         peak = {}
         for name in names:
@@ -191,14 +236,16 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, chann
     for r in range(repeats):
         for name in rotation(names, r):
             before = minor_faults()
-            times[name].append(clock.time_ms(lambda: step(fns[name])))
+            times[name].append(clock.time_ms(calls[name]))
             faults[name].append(minor_faults() - before)
     med = {n: statistics.median(t) for n, t in times.items()}
     fault_med = None if clock.cuda or minor_faults() < 0 else {n: statistics.median(f) for n, f in faults.items()}
+    extra = {n: med[n] for n in names if n not in ("plain", "reference", "fused", "peer")} or None
     return Row(device, layer.name, shape_of(layer),
                "multi" if multi else "single", batch, "fwd+bwd" if backward else "fwd", med["plain"],
                med["reference"], med["fused"], med["fused"] / med["plain"], med["reference"] / med["fused"],
-               med["peer"], med["fused"] / med["peer"], peak, fault_med)
+               med["peer"], med["fused"] / med["peer"], peak, fault_med, extra,
+               "cuda_graph" if gpu_time else "eager")
 
 
 def minor_faults() -> int:
@@ -223,6 +270,15 @@ def summarise(rows: List[Row]) -> List[str]:
         lines.append(f"{p['device']:5s} {p['pass']:8s} fused/peer over {p['layers']} layers: median "
                      f"{p['median_fused_over_peer']:.2f}x, worst {p['worst_fused_over_peer']:.2f}x "
                      f"({p['worst_layer']}; < 1: fused faster)")
+    for device in sorted({r.device for r in rows}):
+        for name, _, _ in COMPILED:
+            sel = [r for r in rows if r.device == device and r.fused_over(name) is not None]
+            if sel:
+                worst = max(sel, key=lambda r: r.fused_over(name))
+                lines.append(f"{device:5s} fused/{name} over {len(sel)} cases: median "
+                             f"{statistics.median(r.fused_over(name) for r in sel):.2f}x, worst "
+                             f"{worst.fused_over(name):.2f}x ({worst.layer} {worst.pass_} N{worst.batch}; < 1: fused "
+                             f"faster)")
     return lines
 
 
@@ -304,8 +360,15 @@ def main(argv=None) -> int:
     ap.add_argument("--channels-last", action="store_true",
                     help="input, mask and weights in channels_last memory format (the fast path on a GPU with "
                          "fp16/bf16: cuDNN's tensor-core convolutions and our NHWC kernels)")
-    ap.add_argument("--cuda-routes", nargs="+", default=["aten_conv", "gemm"], choices=["auto", "aten_conv", "gemm"],
-                    help="PCONV_CUDA_ROUTE values to measure on a GPU")
+    ap.add_argument("--cuda-routes", nargs="+", default=["aten_conv", "gemm"],
+                    choices=["auto", "aten_conv", "gemm", "cudnn_fused"], help="PCONV_CUDA_ROUTE values to measure on a GPU")
+    ap.add_argument("--gpu-time", action="store_true",
+                    help="CUDA: time replays of each call captured in a CUDA graph (GPU time without host work)")
+    ap.add_argument("--compile", nargs="*", choices=["default", "reduce-overhead"], default=None,
+                    help="also NVIDIA's layer and the peer under torch.compile in these modes (no mode named: both; "
+                         "reduce-overhead is left out under --gpu-time)")
+    ap.add_argument("--layer-size", type=int, default=None,
+                    help="U-Net levels (default 7; the paper uses 8 at 512 px)")
     ap.add_argument("--json", metavar="PATH", help="write the rows and the summary as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="write the table, the summary and the settings as Markdown "
                                                         "(docs/benchmarks.md is made this way)")
@@ -319,7 +382,9 @@ def main(argv=None) -> int:
 
     batches = args.batch or ([1] if args.quick else [1, 4])
     repeats = args.repeats or (3 if args.quick else 5)
-    all_layers = (video_layers(args.image or 128, args.frames) if args.dims == 3 else unet_layers(args.image or 256))
+    all_layers = (video_layers(args.image or 128, args.frames) if args.dims == 3
+                  else unet_layers(args.image or 256, args.layer_size or 7))
+    compiled = tuple(args.compile or ("default", "reduce-overhead")) if args.compile is not None else ()
     layers = [l for l in all_layers if args.layers is None or l.name in args.layers]
     if not layers:
         ap.error(f"no layer matches --layers {args.layers}; names: {[l.name for l in all_layers]}")
@@ -355,7 +420,7 @@ def main(argv=None) -> int:
                 for mask in args.masks:
                     for layer in layers:
                         r = run_case(layer, batch, mask == "multi", pass_ == "fwd+bwd", device, dtype, repeats, clock,
-                                     args.channels_last)
+                                     args.channels_last, compiled, args.gpu_time and clock.cuda)
                         r.device = label
                         rows.append(r)
                         print(f"{r.device:4s} {r.layer:6s} {r.shape:30s} {r.mask:6s} {r.batch:2d} {r.pass_:7s} "
@@ -364,13 +429,17 @@ def main(argv=None) -> int:
                               + (f"  peak MB plain/ref/fused/peer {r.peak_mb['plain']:.0f}/"
                                  f"{r.peak_mb['reference']:.0f}/{r.peak_mb['fused']:.0f}/{r.peak_mb['peer']:.0f}"
                                  if r.peak_mb else "")
-                              + (f"  faults {_faults(r)}" if r.faults else ""), flush=True)
+                              + (f"  faults {_faults(r)}" if r.faults else "")
+                              + "".join(f"  fused/{n} {r.fused_over(n):.2f}x" for n in (r.extra_ms or {})),
+                              flush=True)
     summary = summarise(rows)
     print()
     print("\n".join(summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
+                       "machine": machine(rows), "commit": commit(),
+                       "tf32": torch.backends.cudnn.allow_tf32, "timing": "cuda_graph" if args.gpu_time else "eager",
                        "layout": "channels_last" if args.channels_last else "contiguous",
                        "repeats": repeats, "rows": [dict(asdict(r), **{"pass": r.pass_}) for r in rows],
                        "summary": summary, "peer_summary": peer_summary(rows)}, f, indent=1)
@@ -389,6 +458,20 @@ def _faults(r: Row) -> str:
     return "/".join(f"{r.faults[n]:.0f}" for n in ("plain", "reference", "fused", "peer"))
 
 
+def commit() -> str:
+    """The checkout's commit (with '+changes' when the tree differs from it), or '' outside a git checkout."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+changes" if head and dirty else "")
+
+
 def machine(rows: List[Row]) -> str:
     """The machine in words: CPU cores, and the GPU when CUDA rows were measured."""
     words = f"{os.cpu_count()} CPU cores"
@@ -403,12 +486,19 @@ def markdown(rows: List[Row], summary: List[str], repeats: int, args, argv, plot
     cmd = "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = [f"# Layer benchmark: fused vs plain conv, unfused reference and pure-PyTorch peer ({rows[0].device if rows else ''})",
            "",
-           f"Generated by `{cmd.strip()}` on {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, "
+           f"Generated by `{cmd.strip()}` on {time.strftime('%Y-%m-%d')} at commit {commit() or '(unknown)'}: "
+           f"torch {torch.__version__}, "
            f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}), dtype {args.dtype}"
            f"{' (channels_last)' if args.channels_last else ''}, "
            f"median of {repeats} interleaved repeats per variant. MEASURED on this machine ({machine(rows)}); on a "
-           f"shared machine single cases are noisy (compare medians over layers). CUDA times are CUDA events around "
-           f"each eager call: for small layers they include the host's launch work as much as kernel time. Ratios: "
+           f"shared machine single cases are noisy (compare medians over layers). "
+           + ("CUDA times are replays of each call captured in a CUDA graph: GPU time without host work. "
+              if args.gpu_time else
+              "CUDA times are CUDA events around each eager call: for small layers they include the host's launch "
+              "work as much as kernel time. ")
+           + (f"TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'} for cuDNN. " if args.dtype == "float32"
+              else "")
+           + f"Ratios: "
            f"fused/plain and fused/peer < 1 and ref/fused > 1 mean the fused op is faster."
            + (" Page faults: the median number of minor page faults per call (plain/ref/fused/peer), first touches "
               "of freshly allocated memory; on a CPU they are a large part of a layer's time, and how many a call "
@@ -417,13 +507,17 @@ def markdown(rows: List[Row], summary: List[str], repeats: int, args, argv, plot
     if plot_path:
         out += [f"![per-layer ratios]({os.path.relpath(plot_path, os.path.dirname(os.path.abspath(args.markdown)))})",
                 ""]
+    extra = [n for n, _, _ in COMPILED if any(r.extra_ms and n in r.extra_ms for r in rows)]
     out += ["```", *summary, "```", "",
             "| device | layer | shape | mask | N | pass | plain ms | ref ms | fused ms | peer ms | fused/plain | "
-            "ref/fused | fused/peer | page faults |", "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "ref/fused | fused/peer | " + "".join(f"fused/{n} | " for n in extra) + "page faults |",
+            "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra) + "---:|"]
     for r in rows:
+        ratios = "".join(f"{r.fused_over(n):.2f} | " if r.fused_over(n) is not None else "- | " for n in extra)
         out.append(f"| {r.device} | {r.layer} | {r.shape} | {r.mask} | {r.batch} | {r.pass_} | {r.plain_ms:.2f} | "
                    f"{r.reference_ms:.2f} | {r.fused_ms:.2f} | {r.peer_ms:.2f} | {r.fused_over_plain:.2f} | "
-                   f"{r.reference_over_fused:.2f} | {r.fused_over_peer:.2f} | {_faults(r) if r.faults else '-'} |")
+                   f"{r.reference_over_fused:.2f} | {r.fused_over_peer:.2f} | {ratios}"
+                   f"{_faults(r) if r.faults else '-'} |")
     return "\n".join(out) + "\n"
 
 

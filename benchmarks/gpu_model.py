@@ -88,9 +88,11 @@ class Layer:
         return (self.size + 2 * (self.k // 2) - self.k) // self.stride + 1
 
 
-def unet_layers(image: int = 256) -> list:
-    """The PConv U-Net (layer_size 7) at `image` px: encoder, then decoder on concatenated skip features."""
-    enc_k, enc_c = [7, 5, 5, 3, 3, 3, 3], [64, 128, 256, 512, 512, 512, 512]
+def unet_layers(image: int = 256, layer_size: int = 7) -> list:
+    """The PConv U-Net at `image` px with `layer_size` levels (7 at 256 px, 8 at 512 px, as in the paper): encoder,
+    then decoder on concatenated skip features."""
+    enc_k = [7, 5, 5] + [3] * (layer_size - 3)
+    enc_c = [64, 128, 256] + [512] * (layer_size - 3)
     layers, c, s = [], 3, image
     for i, (k, co) in enumerate(zip(enc_k, enc_c)):
         layers.append(Layer(f"enc{i + 1}", c, co, k, 2, s))

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from helpers import BACKENDS, SAMPLES, Backend, Sample, use_backend
+from helpers import BACKENDS, FUSED_BACKENDS, SAMPLES, Backend, Sample, use_backend
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,10 +16,11 @@ def pytest_collection_modifyitems(config, items):
     if not wanted:
         return
     names = {n.strip() for n in wanted.split(",") if n.strip()}
-    unknown = names - {b.name for b in BACKENDS}
+    known = [b.name for b in BACKENDS + FUSED_BACKENDS]
+    unknown = names - set(known)
     if unknown:
         raise pytest.UsageError(f"PCONV_TEST_BACKENDS: unknown backend(s) {sorted(unknown)}; "
-                                f"expected names from {[b.name for b in BACKENDS]}")
+                                f"expected names from {known}")
 
     def other_backend(item) -> bool:
         params = getattr(item, "callspec", None)

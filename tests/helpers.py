@@ -115,6 +115,13 @@ BACKENDS = [
     Backend("cuda-gemm", "cuda", "pconv_cuda", "gemm"),
 ]
 
+# The cudnn_fused route's backends, for its own tests (tests/test_cudnn_fused.py): every channels_last sample; the
+# emulation runs a model of the cuDNN graph (the flow and its fallbacks are what it tests), the GPU cuDNN itself.
+FUSED_BACKENDS = [
+    Backend("cuda_emu-cudnn_fused", "cpu", "pconv_cuda_emu", "cudnn_fused"),
+    Backend("cuda-cudnn_fused", "cuda", "pconv_cuda", "cudnn_fused"),
+]
+
 
 def emu_unavailable() -> Optional[str]:
     try:

@@ -73,22 +73,21 @@ C10_HOST_DEVICE inline acc_t plane_value(acc_t v) {
   return mask_value_invalid(v) ? std::numeric_limits<acc_t>::quiet_NaN() : v;
 }
 
+// The renormalisation factor before the update mask: win / S where S > 0, else 0; NaN S (a bad mask value) stays
+// NaN. ratio = scale * U, so Y = raw * ratio + b * U = U * (raw * scale + b): the cudnn_fused route's form.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t window_scale(acc_t s, acc_t win) {
+  return s > acc_t(0) ? win / s : (s == s ? acc_t(0) : s);
+}
+
 // U = clamp(S, 0, 1) and ratio = win / S * U where S > 0, else 0; NaN S (a bad mask value) gives NaN for both.
 // No epsilon: win / S is finite for every S > 0 in the accumulation type (float for half types), which is what
 // keeps fp16 free of inf.
 template <typename acc_t>
 C10_HOST_DEVICE inline void ratio_and_update(acc_t s, acc_t win, acc_t* ratio, acc_t* updated_mask) {
-  if (s > acc_t(0)) {
-    const acc_t u = s < acc_t(1) ? s : acc_t(1);
-    *updated_mask = u;
-    *ratio = win / s * u;
-  } else if (s == s) {
-    *updated_mask = acc_t(0);
-    *ratio = acc_t(0);
-  } else {
-    *updated_mask = s;
-    *ratio = s;
-  }
+  const acc_t u = s > acc_t(0) ? (s < acc_t(1) ? s : acc_t(1)) : (s == s ? acc_t(0) : s);
+  *updated_mask = u;
+  *ratio = window_scale(s, win) * u;
 }
 
 // Sum of one zero-padded (D, H, W) plane over the window of output pixel (od, oh, ow): for each in-bounds (depth,

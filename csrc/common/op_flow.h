@@ -8,15 +8,22 @@
 //                                                         sum of mask[n] over channels (acc dtype, NaN where a
 //                                                         value is outside [0, 1]) when plane is defined; false
 //                                                         if a bad value was seen and the backend can report it
-//   void ratio_update(plane, g, ratio, updated_mask)      S by window sums of the plane (or closed form when plane
-//                                                         is undefined: mask=None), then ratio and U
+//   void ratio_update(plane, g, ratio, updated_mask, scale)   S by window sums of the plane (or closed form when
+//                                                         plane is undefined: mask=None), then ratio and U; also
+//                                                         scale = win / S where scale is defined (cudnn_fused)
 //   void epilogue(out, ratio, updated_mask, bias, g)      out = out * ratio + b * U, in place
 //   void grad_output(dy, gy, db, ratio, updated_mask, g)  gy = dY * ratio; db = sum dY * U when db is defined
 //   bool gemm_supported(g, conv_in)                       whether the gemm route can run this call
 //   Tensor gemm_conv(conv_in, weight, bias, ratio, updated_mask, g)   the gemm route's finished output
 //   bool gemm_backward(gy, conv_in, mask, weight, g, dx*, dw*)   the forced gemm route's backward: dX (holes
 //                                                         zeroed) and dW from G and X*M; false where it has none
-//   std::vector<Route> auto_candidates(g, conv_in, supported)   one route, or several to time (autotuning)
+//   bool fused_supported(g, input, has_bias)              whether the cudnn_fused route can run this call (CUDA:
+//                                                         its cuDNN plan is built, or found cached)
+//   bool fused_conv(conv_in, weight, bias, factor, updated_mask, g, out&)   the cudnn_fused route's finished output
+//                                                         (factor: scale with a bias, ratio without); false if
+//                                                         cuDNN could not run it
+//   std::vector<Route> auto_candidates(g, input, supported)   one route, or several to time (autotuning);
+//                                                         supported(route) says whether a route can run the call
 //   double time_ms(fn)                                    runs fn and times it
 //
 // Tensors given to the primitives are contiguous in the call's layout: NCHW, or NHWC (channels_last), which the
@@ -32,6 +39,7 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -107,18 +115,38 @@ inline std::string tuning_key(const Geometry& g, const Tensor& conv_in, const Te
   return k.str();
 }
 
-template <class Prim, class Run>
-Route choose_route(Prim& prim, const Geometry& g, const Tensor& conv_in, const Tensor& weight, Run&& run) {
-  const bool supported = prim.gemm_supported(g, conv_in);
+// The routes that may run this call, decided before the passes (the cudnn_fused route needs the ratio pass to also
+// write win / S): the forced route where it can run the call, else aten_conv; or the backend's candidates.
+template <class Prim>
+std::vector<Route> route_candidates(Prim& prim, const Geometry& g, const Tensor& input, bool has_bias) {
+  auto supported = [&](Route r) {
+    switch (r) {
+      case Route::Gemm:
+        return prim.gemm_supported(g, input);
+      case Route::CudnnFused:
+        return prim.fused_supported(g, input, has_bias);
+      default:
+        return true;
+    }
+  };
   if (const auto forced = forced_route(Prim::device_type)) {
-    return *forced == Route::Gemm && !supported ? Route::AtenConv : *forced;
+    return {supported(*forced) ? *forced : Route::AtenConv};
   }
-  const std::vector<Route> candidates = prim.auto_candidates(g, conv_in, supported);
+  return prim.auto_candidates(g, input, supported);
+}
+
+template <class Prim, class Run>
+Route choose_route(Prim& prim, const Geometry& g, const Tensor& conv_in, const Tensor& weight,
+                   const std::vector<Route>& candidates, Run&& run) {
   if (candidates.size() == 1) return candidates.front();
   return tuned_route(tuning_key(g, conv_in, weight), candidates, [&](Route r) {
     run(r);  // warm-up: first-call costs (cuDNN's own algorithm search) are not the route's
     return prim.time_ms([&] { run(r); });
   });
+}
+
+inline bool contains(const std::vector<Route>& routes, Route r) {
+  return std::find(routes.begin(), routes.end(), r) != routes.end();
 }
 
 // The convolution of `dims` (2 or 3) spatial dimensions: partial_conv2d and partial_conv3d.
@@ -136,6 +164,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
   const std::vector<int64_t> map_sizes = output_map_sizes(g, g.mask_batch, 1);
   Tensor ratio = at::empty(map_sizes, input.options().dtype(ratio_dtype(input.scalar_type())));
   Tensor updated_mask = at::empty(map_sizes, input.options());
+  const std::vector<Route> candidates = route_candidates(prim, g, x, has(bias));
+  // scale = win / S: the cudnn_fused graph's factor when there is a bias (without one it multiplies by ratio).
+  Tensor scale = has(bias) && contains(candidates, Route::CudnnFused) ? at::empty_like(ratio) : Tensor();
   Tensor xm, plane;
   if (has(mask)) {
     xm = at::empty(x.sizes(), x.options(), fmt);
@@ -147,16 +178,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
   }
   {
     PCONV_PASS("pconv::ratio_update");
-    prim.ratio_update(plane, g, ratio, updated_mask);
+    prim.ratio_update(plane, g, ratio, updated_mask, scale);
   }
 
   const Tensor& conv_in = has(mask) ? xm : x;
   const Tensor b = has(bias) ? bias->contiguous() : Tensor();
   const std::vector<int64_t> no_output_padding(dims, 0);
-  auto run = [&](Route route) {
+  // Runs `route`; a cudnn_fused call that cuDNN fails to run (the plan was built) falls back to aten_conv, and
+  // `route` then says so.
+  auto run = [&](Route& route) {
     if (route == Route::Gemm) {
       PCONV_PASS("pconv::gemm_conv");
       return prim.gemm_conv(conv_in, weight, b, ratio, updated_mask, g);
+    }
+    if (route == Route::CudnnFused) {
+      PCONV_PASS("pconv::cudnn_fused");
+      Tensor out;
+      if (prim.fused_conv(conv_in, weight, b, b.defined() ? scale : ratio, updated_mask, g, out)) return out;
+      route = Route::AtenConv;
     }
     Tensor out = at::convolution(conv_in, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
                                  no_output_padding, groups)
@@ -165,9 +204,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
     prim.epilogue(out, ratio, updated_mask, b, g);
     return out;
   };
-  const Route route = choose_route(prim, g, conv_in, weight, run);
-  record_route(Prim::device_type, route);
+  Route route = choose_route(prim, g, conv_in, weight, candidates, [&](Route r) { return run(r); });
   Tensor out = run(route);
+  record_route(Prim::device_type, route);
   return {out, updated_mask, ratio, has(mask) ? xm : at::empty({0}, input.options())};
 }
 
@@ -229,9 +268,9 @@ std::tuple<Tensor, Tensor> mask_update(Prim& prim, const Tensor& mask, at::IntAr
   Tensor ratio = at::empty(map_sizes, mask.options().dtype(ratio_dtype(update_dtype)));
   Tensor updated_mask = at::empty(map_sizes, mask.options().dtype(update_dtype));
   Tensor plane = at::empty(input_map_sizes(g, g.N), ratio.options());
-  Tensor no_input, no_output;
+  Tensor no_input, no_output, no_scale;
   if (!prim.mask_pass(mask.contiguous(layout_of(mask)), no_input, no_output, plane)) fail_invalid_mask(op, mask);
-  prim.ratio_update(plane, g, ratio, updated_mask);
+  prim.ratio_update(plane, g, ratio, updated_mask, no_scale);
   return {ratio, updated_mask};
 }
 

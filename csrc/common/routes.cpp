@@ -21,33 +21,46 @@ const char* env_variable(const std::string& device_type) {
   TORCH_CHECK(false, "pconv_cuda routes: device_type must be 'cpu' or 'cuda', got '", device_type, "'");
 }
 
-// "auto" -> nullopt; the old names "vendor" and "one_pass" are still accepted.
-std::optional<Route> parse_route(const std::string& name, const std::string& what) {
+// "auto" -> nullopt; the old names "vendor" and "one_pass" are still accepted. cudnn_fused exists on CUDA only.
+std::optional<Route> parse_route(const std::string& name, const std::string& what, const std::string& device_type) {
   if (name == "auto") return std::nullopt;
   if (name == "aten_conv" || name == "vendor") return Route::AtenConv;
   if (name == "gemm" || name == "one_pass") return Route::Gemm;
-  TORCH_CHECK(false, what, " must be 'auto', 'aten_conv' or 'gemm' (old names: 'vendor', 'one_pass'), got '", name,
-              "'");
+  if (name == "cudnn_fused" && device_type != "cpu") return Route::CudnnFused;
+  TORCH_CHECK(false, what, " must be ",
+              device_type == "cpu" ? "'auto', 'aten_conv' or 'gemm'" : "'auto', 'aten_conv', 'gemm' or 'cudnn_fused'",
+              " (old names: 'vendor', 'one_pass'), got '", name, "'",
+              name == "cudnn_fused" ? " (cudnn_fused is a CUDA route)" : "");
 }
 
 }  // namespace
 
-const char* route_name(Route route) { return route == Route::AtenConv ? "aten_conv" : "gemm"; }
+const char* route_name(Route route) {
+  switch (route) {
+    case Route::AtenConv:
+      return "aten_conv";
+    case Route::Gemm:
+      return "gemm";
+    case Route::CudnnFused:
+      return "cudnn_fused";
+  }
+  return "?";
+}
 
 std::optional<Route> forced_route(const std::string& device_type) {
   const char* variable = env_variable(device_type);
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     auto it = g_override.find(device_type);
-    if (it != g_override.end()) return parse_route(it->second, "the route override");
+    if (it != g_override.end()) return parse_route(it->second, "the route override", device_type);
   }
   const char* env = std::getenv(variable);
-  return parse_route(env ? env : "auto", variable);
+  return parse_route(env ? env : "auto", variable, device_type);
 }
 
 void set_route_override(std::string device_type, std::string route) {
   env_variable(device_type);
-  const auto parsed = parse_route(route, "route");
+  const auto parsed = parse_route(route, "route", device_type);
   std::lock_guard<std::mutex> lock(g_mutex);
   if (!parsed) {
     g_override.erase(device_type);
@@ -118,7 +131,7 @@ void set_route_timer(std::string spec) {
     const size_t eq = item.find('=');
     TORCH_CHECK(eq != std::string::npos, "route timer spec must be 'route=ms,...', got '", spec, "'");
     const std::string name = item.substr(0, eq);
-    const auto route = parse_route(name, "route timer spec");
+    const auto route = parse_route(name, "route timer spec", "cuda");
     TORCH_CHECK(route.has_value(), "route timer spec names a route, not 'auto'");
     times[route_name(*route)] = std::stod(item.substr(eq + 1));
     pos = end + 1;

@@ -3,7 +3,9 @@
 //   gemm       our own GEMM over X*M (CPU: im2col + GEMM per image, then the epilogue pass; CUDA: an
 //              implicit-GEMM kernel with the epilogue fused): it wins where the vendor's per-call cost outweighs a
 //              small GEMM.
-// The mask pass, the ratio map and the backward are the same on both routes.
+//   cudnn_fused  CUDA only: one cuDNN kernel runs the convolution and the epilogue, built through cuDNN's graph
+//              API (cuda/cudnn_fused.h); calls its graph cannot take run aten_conv.
+// The mask pass, the ratio map and the backward are the same on every route.
 #pragma once
 
 #include <functional>
@@ -13,7 +15,7 @@
 
 namespace pconv {
 
-enum class Route { AtenConv, Gemm };
+enum class Route { AtenConv, Gemm, CudnnFused };
 
 const char* route_name(Route route);
 

@@ -380,7 +380,8 @@ struct CpuPrimitives {
     return valid;
   }
 
-  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& updated_mask) {
+  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& updated_mask, Tensor& scale) {
+    TORCH_INTERNAL_ASSERT(!scale.defined(), "scale is only asked for by the cudnn_fused route, which the CPU lacks");
     AT_DISPATCH_FLOATING_TYPES(ratio.scalar_type(), "pconv_ratio", [&] {
       using acc_t = scalar_t;
       acc_t* ratio_p = ratio.mutable_data_ptr<acc_t>();
@@ -419,8 +420,15 @@ struct CpuPrimitives {
   // 4..64 output pixels); on large maps im2col's traffic loses (up to 9x). Measurements: docs/benchmarks.md.
   // oneDNN always: once X*M is formed for the backward anyway, im2col + GEMM lost on every U-Net layer measured
   // (1.3x-1.5x slower on the 4..64-pixel maps where it used to win by skipping X*M; docs/benchmarks.md).
-  std::vector<Route> auto_candidates(const Geometry& g, const Tensor& conv_in, bool supported) {
+  template <class Supported>
+  std::vector<Route> auto_candidates(const Geometry& g, const Tensor& input, Supported&&) {
     return {Route::AtenConv};
+  }
+
+  // cudnn_fused is a CUDA route (routes.cpp refuses to force it on the CPU).
+  bool fused_supported(const Geometry&, const Tensor&, bool) { return false; }
+  bool fused_conv(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Geometry&, Tensor&) {
+    return false;
   }
 
   // The backward always runs ATen's convolution backward on the CPU.

@@ -9,6 +9,7 @@
 
 #include "kernels.cuh"
 #include "cuda_primitives.h"
+#include "cudnn_fused.h"
 
 namespace pconv {
 namespace cuda {
@@ -29,6 +30,14 @@ struct CudaLaunch {
     if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0) return;  // empty tensors
     kernel<<<cfg.grid, cfg.block, cfg.shared_bytes, stream>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // The cudnn_fused route: its plan for this call (built once per key and cached), and the plan run.
+  static bool fused_supported(const Geometry& g, const at::Tensor& input, bool has_bias) {
+    return fused_unsupported(fused_call(g, input, has_bias), FusedStage::Plan).empty();
+  }
+  static bool fused_conv(const at::Tensor& conv_in, const at::Tensor& weight, const at::Tensor& bias,
+                         const at::Tensor& factor, const at::Tensor& updated_mask, const Geometry& g, at::Tensor& out) {
+    return fused_run(fused_call(g, conv_in, bias.defined()), conv_in, weight, bias, factor, updated_mask, out);
   }
   // Device time of fn's work on this stream, by CUDA events (the autotuner's timer).
   template <class Fn>

@@ -84,14 +84,14 @@ struct CudaPrimitives {
     return true;  // bad values cannot be reported without a host sync: they show as NaN (maths.h, plane_value)
   }
 
-  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& updated_mask) {
+  void ratio_update(const Tensor& plane, const Geometry& g, Tensor& ratio, Tensor& updated_mask, Tensor& scale) {
     check_index_range("output pixels per image", g.out_pixels());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, updated_mask.scalar_type(), "pconv_ratio", [&] {
       using acc_t = acc_type_t<scalar_t>;
       launch(ratio_kernel<acc_t, scalar_t>, ratio_config(g), ptr_or_null<acc_t>(plane), g,
              FastDivmod(static_cast<uint32_t>(g.Wo)), FastDivmod(static_cast<uint32_t>(g.Ho)),
-             ratio.mutable_data_ptr<acc_t>(),
-             updated_mask.mutable_data_ptr<scalar_t>());
+             ratio.mutable_data_ptr<acc_t>(), updated_mask.mutable_data_ptr<scalar_t>(),
+             scale.defined() ? scale.mutable_data_ptr<acc_t>() : nullptr);
     });
   }
 
@@ -214,15 +214,28 @@ struct CudaPrimitives {
   }
 
   // cuDNN (with our passes) unless the user asked for benchmark mode (torch.backends.cudnn.benchmark), where the
-  // gemm kernel competes and the faster route is cached per shape. Both sides compute in the same precision: with
-  // TF32 allowed, float runs the gemm route as TF32 on tensor cores, so only a device without TF32 (strict FP32
-  // FMA kernel against TF32 cuDNN: the results would differ, not just the speed) keeps cuDNN.
-  std::vector<Route> auto_candidates(const Geometry& g, const Tensor& conv_in, bool supported) {
-    const bool tf32 = conv_in.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN();
-    if (!supported || !at::globalContext().benchmarkCuDNN() || (tf32 && !tensor_cores(at::kFloat))) {
-      return {Route::AtenConv};
-    }
-    return {Route::AtenConv, Route::Gemm};
+  // gemm kernel and the cudnn_fused graph compete and the fastest route is cached per shape. Both sides compute in
+  // the same precision: with TF32 allowed, float runs the gemm route as TF32 on tensor cores, so only a device
+  // without TF32 (strict FP32 FMA kernel against TF32 cuDNN: the results would differ, not just the speed) keeps
+  // the gemm route out. cudnn_fused has cuDNN's own numerics (its plan deselects TF32 engines when TF32 is off).
+  template <class Supported>
+  std::vector<Route> auto_candidates(const Geometry& g, const Tensor& input, Supported&& supported) {
+    if (!at::globalContext().benchmarkCuDNN()) return {Route::AtenConv};
+    std::vector<Route> candidates{Route::AtenConv};
+    const bool tf32 = input.scalar_type() == at::kFloat && at::globalContext().allowTF32CuDNN();
+    if (!(tf32 && !tensor_cores(at::kFloat)) && supported(Route::Gemm)) candidates.push_back(Route::Gemm);
+    if (supported(Route::CudnnFused)) candidates.push_back(Route::CudnnFused);
+    return candidates;
+  }
+
+  // The cudnn_fused route (cudnn_fused.h), through the Launch policy: real cuDNN on a GPU; the emulation has none.
+  bool fused_supported(const Geometry& g, const Tensor& input, bool has_bias) {
+    return launch.fused_supported(g, input, has_bias);
+  }
+
+  bool fused_conv(const Tensor& conv_in, const Tensor& weight, const Tensor& bias, const Tensor& factor,
+                  const Tensor& updated_mask, const Geometry& g, Tensor& out) {
+    return launch.fused_conv(conv_in, weight, bias, factor, updated_mask, g, out);
   }
 
   Tensor gemm_conv(const Tensor& conv_in, const Tensor& weight, const Tensor& bias, const Tensor& ratio,

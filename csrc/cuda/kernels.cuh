@@ -266,10 +266,12 @@ inline LaunchConfig plane_nhwc_config(int64_t pixels, int64_t Cm) {
 // ---------------------------------------------------------------------------------------------------------------
 // Ratio map: S at each output pixel by a window sum over the plane (kd*kh*kw cached reads; plane == nullptr is
 // the all-ones mask, S from the in-bounds tap counts), then ratio and U. Images in blockIdx.y; an image's output
-// pixels (od, oh, ow) split with two divisors fixed at launch.
+// pixels (od, oh, ow) split with two divisors fixed at launch. scale (win / S, for the cudnn_fused route's
+// epilogue) is written where it is not null.
 template <typename acc_t, typename update_t>
 __global__ void ratio_kernel(const acc_t* __restrict__ plane, Geometry g, FastDivmod wo, FastDivmod ho,
-                             acc_t* __restrict__ ratio, update_t* __restrict__ updated_mask) {
+                             acc_t* __restrict__ ratio, update_t* __restrict__ updated_mask,
+                             acc_t* __restrict__ scale) {
   const int64_t pixels = g.out_pixels();
   const int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= pixels) return;
@@ -283,6 +285,7 @@ __global__ void ratio_kernel(const acc_t* __restrict__ plane, Geometry g, FastDi
     ratio_and_update(s, win, &r, &u);
     ratio[n * pixels + p] = r;
     updated_mask[n * pixels + p] = static_cast<update_t>(u);
+    if (scale != nullptr) scale[n * pixels + p] = window_scale(s, win);
   }
 }
 

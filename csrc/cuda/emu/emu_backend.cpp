@@ -14,6 +14,7 @@
 
 #include "../../common/autograd.h"
 #include "../../common/schemas.h"
+#include "../cudnn_fused.h"
 #include "simt_emu.h"  // after every library header: it defines CUDA's keywords
 // clang-format off
 #include "../kernels.cuh"
@@ -42,6 +43,23 @@ struct EmuLaunch {
         for (int64_t b = begin; b < end; ++b) run(b);
       });
     });
+  }
+  // No cuDNN here: a model of the cudnn_fused graph stands for it, so the flow around the route (the scale map,
+  // the factor it multiplies by, the fallback decisions of the support surface) runs in tests. The model computes
+  // what the graph specifies: the convolution and the epilogue in float, one rounding to the output's dtype.
+  static bool fused_supported(const Geometry& g, const Tensor& input, bool has_bias) {
+    return cuda::fused_surface_reason(cuda::fused_call(g, input, has_bias)).empty();
+  }
+  static bool fused_conv(const Tensor& conv_in, const Tensor& weight, const Tensor& bias, const Tensor& factor,
+                         const Tensor& updated_mask, const Geometry& g, Tensor& out) {
+    const Tensor raw = at::convolution(conv_in.to(at::kFloat), weight.to(at::kFloat), c10::nullopt,
+                                       {g.win.sh, g.win.sw}, {g.win.ph, g.win.pw}, {g.win.dh, g.win.dw}, false,
+                                       {0, 0}, 1);
+    const Tensor y = bias.defined()
+                         ? (raw * factor + bias.to(at::kFloat).view({1, -1, 1, 1})) * updated_mask.to(at::kFloat)
+                         : raw * factor;
+    out = y.to(conv_in.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+    return true;
   }
   template <class Fn>
   double time_ms(Fn&& fn) {
