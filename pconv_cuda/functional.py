@@ -102,14 +102,13 @@ def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, gr
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
     args = (input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
-    if _capturing_for_onnx():
-        from pconv_cuda import onnx
-
-        output, updated_mask, _, _ = onnx.partial_conv_as_torch_ops(*args)
-    elif _needs_function():
-        output, updated_mask, _, _ = PartialConv2dFunction.apply(*args)
+    if _needs_function():
+        run = _onnx_lowering().partial_conv_as_torch_ops if _in_onnx_export() else PartialConv2dFunction.apply
+    elif _tracing_state() is not None and _in_onnx_export():  # the TorchScript exporter
+        run = _onnx_lowering().partial_conv_as_torch_ops
     else:  # eager: the op, whose C++ autograd kernel records the call when something requires grad
-        output, updated_mask, _, _ = _op(dims)(*args)
+        run = _op(dims)
+    output, updated_mask, _, _ = run(*args)
     return output, updated_mask
 
 
@@ -118,12 +117,19 @@ def _op(dims: int):
     return torch.ops.pconv_cuda.partial_conv3d.default if dims == 3 else torch.ops.pconv_cuda.partial_conv2d.default
 
 
-def _capturing_for_onnx() -> bool:
-    """Whether torch.onnx.export is capturing this call: its default exporter runs the model under torch.export (as
-    compiling), the TorchScript one traces it. The functional forms then run the ONNX lowering as torch operations
-    (pconv_cuda/onnx.py), which either exporter translates to standard ONNX operators with no registration. The
-    export flag costs ~2 us, so it is read only while compiling or tracing (Dynamo folds it to False)."""
-    return (torch.compiler.is_compiling() or _tracing_state() is not None) and torch.onnx.is_in_onnx_export()
+def _in_onnx_export() -> bool:
+    """Whether torch.onnx.export is capturing the call. Its default exporter runs the model under torch.export (as
+    compiling: `_needs_function`), the TorchScript one traces it (`_tracing_state`); the functional forms then run
+    the ONNX lowering as torch operations (pconv_cuda/onnx.py), which either exporter translates to standard ONNX
+    operators with nothing registered. The flag costs ~2 us, so it is read only while compiling, transforming or
+    tracing (Dynamo folds it to False under torch.compile)."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def _onnx_lowering():
+    from pconv_cuda import onnx  # (imported on the first export only: it is no cost of `import pconv_cuda`)
+
+    return onnx
 
 
 _tracing_state = torch._C._get_tracing_state
@@ -205,10 +211,9 @@ def mask_update(
     dilation_ = _ntuple(dilation, dims, "dilation")
     kernel_ = _ntuple(kernel_size, dims, "kernel_size")
     padding_ = resolve_padding(padding, kernel_, dilation_, stride_)
-    if _capturing_for_onnx():
-        from pconv_cuda import onnx
-
-        return onnx.mask_update_as_torch_ops(mask, kernel_, stride_, padding_, dilation_, bool(multi_channel))
+    if (torch.compiler.is_compiling() or _tracing_state() is not None) and _in_onnx_export():
+        return _onnx_lowering().mask_update_as_torch_ops(mask, kernel_, stride_, padding_, dilation_,
+                                                         bool(multi_channel))
     return torch.ops.pconv_cuda.mask_update(mask, kernel_, stride_, padding_, dilation_, bool(multi_channel))
 
 

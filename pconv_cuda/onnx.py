@@ -18,7 +18,7 @@ small builder interface, and three builders run it:
 
 * torch operations (:class:`_TorchBuilder`). Under ``torch.onnx.export``, with either exporter, the functional forms
   (and so ``PartialConv1d/2d/3d`` and every model built on them) run the lowering as torch operations instead of
-  the op (``functional._capturing_for_onnx``); the exporter records plain aten operations and translates them to
+  the op (``functional._in_onnx_export``); the exporter records plain aten operations and translates them to
   standard ONNX itself. Nothing is registered, so ``import pconv_cuda`` and a plain ``torch.onnx.export(model,
   args, f)`` suffice, with the default exporter (``dynamo=True``) or ``dynamo=False``. As for any model, the axes
   are those of the example unless ``dynamic_shapes`` (``dynamo=True``) or ``dynamic_axes`` (``dynamo=False``)
@@ -244,7 +244,7 @@ class _TorchBuilder(_Builder):
     """The lowering's ONNX operators run as torch operations (constants stay numpy until an operation needs them:
     0-d ones enter as Python numbers, index arrays as ints).
 
-    Under ``torch.onnx.export`` the functional forms run this instead of the op (``functional._capturing_for_onnx``),
+    Under ``torch.onnx.export`` the functional forms run this instead of the op (``functional._in_onnx_export``),
     so either exporter records plain aten operations (convolution, where, clamp, ...) that it translates to standard
     ONNX operators itself: no registration, no ``custom_translation_table``, the same graph maths as the other two
     builders."""
