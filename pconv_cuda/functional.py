@@ -1,6 +1,7 @@
 """Functional partial convolution: argument normalisation around torch.ops.pconv_cuda.*."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,6 +34,7 @@ def resolve_padding(padding: Union[str, IntOrPair], kernel_size: Tuple[int, ...]
     n = len(kernel_size)
     if not isinstance(padding, str):
         return _ntuple(padding, n, "padding")
+    kernel_size = _static_sizes(kernel_size)
     if padding == "valid":
         return (0,) * n
     if padding == "same":
@@ -45,6 +47,16 @@ def resolve_padding(padding: Union[str, IntOrPair], kernel_size: Tuple[int, ...]
         return tuple(t // 2 for t in total)
     raise ValueError(f"padding must be 'valid', 'same', an int or a {_TUPLE_NAMES.get(n, f'{n}-tuple')} of ints, "
                      f"got {padding!r}")
+
+
+def _static_sizes(sizes: Sequence) -> Tuple[int, ...]:
+    """A weight's kernel sizes as ints. The TorchScript tracer hands sizes out as 0-d tensors and warns when one is
+    read as an int; a kernel size is a constant of the model."""
+    if all(type(k) is int for k in sizes):
+        return tuple(sizes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(int(k) for k in sizes)
 
 
 def partial_conv2d(

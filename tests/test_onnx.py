@@ -173,6 +173,44 @@ def test_partial_conv3d_module(mask_kind, dynamo, tmp_path):
     _matches_layer(session, layer, inputs, (3,))
 
 
+class _Functional(torch.nn.Module):
+    """The functional forms called directly: 2-D with unequal stride and dilation, groups, no bias, 'same' padding
+    in 1-D, and the 3-D form with mask=None."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w2 = torch.nn.Parameter(torch.randn(6, 2, 3, 3, generator=g))
+        self.w1 = torch.nn.Parameter(torch.randn(3, 6, 5, generator=g))
+        self.w3 = torch.nn.Parameter(torch.randn(2, 6, 3, 3, 3, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(3, generator=g))
+
+    def forward(self, x, mask):
+        y, m = pconv_cuda.partial_conv2d(x, mask, self.w2, None, stride=(2, 1), padding=2, dilation=(1, 2), groups=2)
+        y1, m1 = pconv_cuda.partial_conv1d(y.flatten(2), m.flatten(2), self.w1, self.b, padding="same")
+        y3, m3 = pconv_cuda.partial_conv3d(y.unsqueeze(2).expand(-1, -1, 3, -1, -1), None, self.w3, padding=1)
+        return y1, m1, y3, m3
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_functional_forms(dynamo, tmp_path):
+    model = _Functional().eval()
+
+    def inputs(n, seed):
+        x = torch.randn(n, 4, 10, 9, generator=torch.Generator().manual_seed(seed))
+        mask = _binary_mask(n, 1, 10, 9, seed)
+        return (x.masked_fill(mask == 0, float("nan")), mask)
+
+    session = _export(model, inputs(2, 1), tmp_path / "functional.onnx", dynamo)
+    args = inputs(3, 2)
+    with torch.no_grad():
+        expected = model(*args)
+    got = _run(session, args)
+    for name, e, o in zip(("y1", "m1", "y3", "m3"), expected, got):
+        exact = name.startswith("m")  # updated masks: sums of 0/1 values, exact
+        torch.testing.assert_close(o, e.contiguous(), rtol=0 if exact else RTOL, atol=0 if exact else ATOL, msg=name)
+
+
 @pytest.mark.parametrize("dynamo", EXPORTERS)
 def test_float16(dynamo, tmp_path):
     # The graph renormalises in float32 (as the kernels do) and casts back: the output differs from PyTorch's by
