@@ -335,8 +335,8 @@ def measured_lines(path: str = MEASURED) -> list:
             f"spends on it (Python, dispatch, cuDNN's per-call planning, allocation, launches): ~50-70 us per layer "
             f"for a plain conv, ~110-140 for the fused layer and ~200 for NVIDIA's at batch 1 on that machine, against the 4-8 us per op assumed here (HOST_OP_US, HOST_CONV_US). The estimates "
             f"are GPU-side lower bounds, not predictions of eager time; `benchmarks/overhead.py` measures the host "
-            f"part. The fused column is the code as of commit bac9aaa (second H200 "
-            f"session, 2026-11-26).", "", *out] if len(out) > 2 else []
+            f"part. The fused column is the code as of commit bac9aaa, measured on "
+            f"2026-11-26.", "", *out] if len(out) > 2 else []
 MMA_SERIAL_BLOCKS_PER_SM = 4  # the measured build's mma_conv_kernel: 100-128 registers (sm_90)
 
 

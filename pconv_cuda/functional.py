@@ -1,6 +1,7 @@
 """Functional partial convolution: argument normalisation around torch.ops.pconv_cuda.*."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,6 +34,7 @@ def resolve_padding(padding: Union[str, IntOrPair], kernel_size: Tuple[int, ...]
     n = len(kernel_size)
     if not isinstance(padding, str):
         return _ntuple(padding, n, "padding")
+    kernel_size = _static_sizes(kernel_size)
     if padding == "valid":
         return (0,) * n
     if padding == "same":
@@ -45,6 +47,16 @@ def resolve_padding(padding: Union[str, IntOrPair], kernel_size: Tuple[int, ...]
         return tuple(t // 2 for t in total)
     raise ValueError(f"padding must be 'valid', 'same', an int or a {_TUPLE_NAMES.get(n, f'{n}-tuple')} of ints, "
                      f"got {padding!r}")
+
+
+def _static_sizes(sizes: Sequence) -> Tuple[int, ...]:
+    """A weight's kernel sizes as ints. The TorchScript tracer hands sizes out as 0-d tensors and warns when one is
+    read as an int; a kernel size is a constant of the model."""
+    if all(type(k) is int for k in sizes):
+        return tuple(sizes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(int(k) for k in sizes)
 
 
 def partial_conv2d(
@@ -103,15 +115,36 @@ def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, gr
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
     args = (input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
     if _needs_function():
-        output, updated_mask, _, _ = PartialConv2dFunction.apply(*args)
+        run = _onnx_lowering().partial_conv_as_torch_ops if _in_onnx_export() else PartialConv2dFunction.apply
+    elif _tracing_state() is not None and _in_onnx_export():  # the TorchScript exporter
+        run = _onnx_lowering().partial_conv_as_torch_ops
     else:  # eager: the op, whose C++ autograd kernel records the call when something requires grad
-        output, updated_mask, _, _ = _op(dims)(*args)
+        run = _op(dims)
+    output, updated_mask, _, _ = run(*args)
     return output, updated_mask
 
 
 def _op(dims: int):
     """partial_conv2d or partial_conv3d, for 2 or 3 spatial dimensions."""
     return torch.ops.pconv_cuda.partial_conv3d.default if dims == 3 else torch.ops.pconv_cuda.partial_conv2d.default
+
+
+def _in_onnx_export() -> bool:
+    """Whether torch.onnx.export is capturing the call. Its default exporter runs the model under torch.export (as
+    compiling: `_needs_function`), the TorchScript one traces it (`_tracing_state`); the functional forms then run
+    the ONNX lowering as torch operations (pconv_cuda/onnx.py), which either exporter translates to standard ONNX
+    operators with nothing registered. The flag costs ~2 us, so it is read only while compiling, transforming or
+    tracing (Dynamo folds it to False under torch.compile)."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def _onnx_lowering():
+    from pconv_cuda import onnx  # (imported on the first export only: it is no cost of `import pconv_cuda`)
+
+    return onnx
+
+
+_tracing_state = torch._C._get_tracing_state
 
 
 def _needs_function() -> bool:
@@ -190,6 +223,9 @@ def mask_update(
     dilation_ = _ntuple(dilation, dims, "dilation")
     kernel_ = _ntuple(kernel_size, dims, "kernel_size")
     padding_ = resolve_padding(padding, kernel_, dilation_, stride_)
+    if (torch.compiler.is_compiling() or _tracing_state() is not None) and _in_onnx_export():
+        return _onnx_lowering().mask_update_as_torch_ops(mask, kernel_, stride_, padding_, dilation_,
+                                                         bool(multi_channel))
     return torch.ops.pconv_cuda.mask_update(mask, kernel_, stride_, padding_, dilation_, bool(multi_channel))
 
 

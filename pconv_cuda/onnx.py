@@ -13,16 +13,23 @@ of docs/architecture.md::
 (``ConstantOfShape(Shape(X)[2:])``), so border windows are renormalised and the batch axis stays dynamic; the
 convolution then reads X as it is.
 
-* ``dynamo=True`` (torch.export): :func:`custom_translation_table` maps ``torch.ops.pconv_cuda.partial_conv2d``
-  (``partial_conv3d``, ``mask_update``) to ONNX Script functions, passed as ``torch.onnx.export(...,
-  custom_translation_table=...)``, the way torch documents for custom ops.
-* ``dynamo=False`` (TorchScript): :func:`register_torchscript_symbolics` registers symbolic functions with
-  ``torch.onnx.register_custom_op_symbolic`` (opset 11 and later); importing this module does it, so a plain
-  ``torch.onnx.export(..., dynamo=False)`` works after ``import pconv_cuda.onnx``.
+One lowering (:func:`_lower_partial_conv`, 2-D and 3-D; :func:`_lower_mask_update`) writes that graph against a
+small builder interface, and three builders run it:
 
-Both build the same graph from one lowering (:func:`_lower_partial_conv`, 2-D and 3-D). :func:`export` does the
-registration, passes the table and makes the batch axis dynamic: one call for either exporter. Importing this
-module needs neither onnx nor onnxscript; they are imported when an export runs (``pip install 'pconv_cuda[onnx]'``).
+* torch operations (:class:`_TorchBuilder`). Under ``torch.onnx.export``, with either exporter, the functional forms
+  (and so ``PartialConv1d/2d/3d`` and every model built on them) run the lowering as torch operations instead of
+  the op (``functional._in_onnx_export``); the exporter records plain aten operations and translates them to
+  standard ONNX itself. Nothing is registered, so ``import pconv_cuda`` and a plain ``torch.onnx.export(model,
+  args, f)`` suffice, with the default exporter (``dynamo=True``) or ``dynamo=False``. As for any model, the axes
+  are those of the example unless ``dynamic_shapes`` (``dynamo=True``) or ``dynamic_axes`` (``dynamo=False``)
+  say otherwise; the graph itself holds no batch size, so a dynamic batch works.
+* ONNX Script (:func:`custom_translation_table`) and TorchScript symbolics (:func:`register_torchscript_symbolics`,
+  registered when this module is imported) translate direct calls of ``torch.ops.pconv_cuda.partial_conv2d``
+  (``partial_conv3d``, ``mask_update``), which no functional form wraps. :func:`export` passes the table, so it
+  exports those too; it also makes the batch axis dynamic by default.
+
+Importing this module needs neither onnx nor onnxscript; they are imported when an export runs (``pip install
+'pconv_cuda[onnx]'``).
 """
 from __future__ import annotations
 
@@ -212,6 +219,129 @@ def _lower_mask_update(b: _Builder, mask, kernel_size, stride, padding, dilation
     return ratio, _cast(b, update, acc, m_dtype if m_dtype in _FLOATING else _FLOAT)
 
 
+# --- the lowering as torch operations: what torch.onnx.export records for the functional forms -----------------
+
+# ONNX TensorProto data types of the torch dtypes the lowering meets.
+_ONNX_OF_TORCH = {torch.float32: _FLOAT, torch.float16: _FLOAT16, torch.float64: _DOUBLE, torch.bfloat16: _BFLOAT16,
+                  torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9}
+_TORCH_OF_ONNX = {v: k for k, v in _ONNX_OF_TORCH.items()}
+
+
+_TORCH_OF_NUMPY = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+                   np.dtype(np.float64): torch.float64, np.dtype(np.int64): torch.int64, np.dtype(np.bool_): torch.bool}
+
+
+def _torch_dtype(array: np.ndarray) -> torch.dtype:
+    return _TORCH_OF_NUMPY[array.dtype]
+
+
+class _Shape(tuple):
+    """A Shape value: the sizes as Python ints (SymInts under torch.export), so that slicing and concatenating it
+    stays symbolic and a dynamic batch is never read as data."""
+
+
+class _TorchBuilder(_Builder):
+    """The lowering's ONNX operators run as torch operations (constants stay numpy until an operation needs them:
+    0-d ones enter as Python numbers, index arrays as ints).
+
+    Under ``torch.onnx.export`` the functional forms run this instead of the op (``functional._in_onnx_export``),
+    so either exporter records plain aten operations (convolution, where, clamp, ...) that it translates to standard
+    ONNX operators itself: no registration, no ``custom_translation_table``, the same graph maths as the other two
+    builders."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.device = like.device
+
+    def op(self, op_type, *inputs, **attrs):
+        return getattr(self, "_" + op_type)(*inputs, **attrs)
+
+    def const(self, array):
+        return np.asarray(array)
+
+    def dtype(self, value):
+        return _ONNX_OF_TORCH[_torch_dtype(value) if isinstance(value, np.ndarray) else value.dtype]
+
+    def shape(self, value):
+        # The lowering asks only for sizes fixed by the model (the weight's, a multi-channel mask's channels). The
+        # TorchScript tracer hands every size out as a 0-d tensor and warns when one is read as an int: these are
+        # constants of the trace by construction. Under torch.export a dynamic size is a SymInt: None here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return [int(d) if isinstance(d, (int, torch.Tensor)) else None for d in value.shape]
+
+    def _tensor(self, v) -> torch.Tensor:
+        if not isinstance(v, np.ndarray):
+            return v
+        # The lowering's tensor constants are ones kernels, 0-d values and the empty masked_input: factory calls,
+        # which every tracer records as such (a tensor made from data is a baked-in constant).
+        if v.size == 0:
+            return torch.empty(v.shape, dtype=_torch_dtype(v), device=self.device)
+        if (v == v.flat[0]).all():
+            return torch.full(v.shape, v.flat[0].item(), dtype=_torch_dtype(v), device=self.device)
+        return torch.tensor(v.tolist(), dtype=_torch_dtype(v), device=self.device)
+
+    def _operand(self, v):
+        return v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else self._tensor(v)
+
+    def _Shape(self, x):
+        return _Shape(x.shape)
+
+    def _Slice(self, data, starts, ends):
+        return _Shape(data[int(starts[0]):int(ends[0])])
+
+    def _Concat(self, *inputs, axis):
+        assert axis == 0
+        return _Shape(s for v in inputs for s in (v if isinstance(v, _Shape) else (int(i) for i in v)))
+
+    def _ConstantOfShape(self, shape, value):
+        return torch.full(tuple(shape), value.flat[0].item(), dtype=_torch_dtype(value), device=self.device)
+
+    def _Conv(self, x, w, strides, pads, dilations, group, kernel_shape=None):
+        n = len(strides)
+        assert pads[:n] == pads[n:], "the lowering pads symmetrically"
+        conv = torch.nn.functional.conv3d if n == 3 else torch.nn.functional.conv2d
+        return conv(x, self._tensor(w), None, strides, pads[:n], dilations, group)
+
+    def _Cast(self, v, to):
+        return self._tensor(v).to(_TORCH_OF_ONNX[to])
+
+    def _Clip(self, x, low, high):
+        return torch.clamp(x, self._operand(low), self._operand(high))
+
+    def _Equal(self, a, b):
+        return self._tensor(a) == self._operand(b)
+
+    def _Where(self, cond, a, b):
+        return torch.where(cond, self._operand(a), self._operand(b))
+
+    def _Mul(self, a, b):
+        return self._operand(a) * self._operand(b)
+
+    def _Div(self, a, b):
+        return self._operand(a) / self._operand(b)
+
+    def _Add(self, a, b):
+        return self._operand(a) + self._operand(b)
+
+    def _Reshape(self, x, shape):
+        return x.reshape([int(s) for s in shape])
+
+
+def partial_conv_as_torch_ops(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    """``pconv_cuda::partial_conv2d`` / ``partial_conv3d``'s four outputs (by the weight's rank) computed by the ONNX
+    lowering in torch operations: what the functional forms run under ``torch.onnx.export``."""
+    b = _TorchBuilder(input)
+    outputs = _lower_partial_conv(b, input, mask, weight, bias, list(stride), list(padding), list(dilation),
+                                  int(groups), bool(multi_channel))
+    return tuple(b._tensor(v) for v in outputs)  # (masked_input for mask=None is a constant)
+
+
+def mask_update_as_torch_ops(mask, kernel_size, stride, padding, dilation, multi_channel):
+    """``pconv_cuda::mask_update``'s (ratio, updated_mask) by the ONNX lowering in torch operations."""
+    return _lower_mask_update(_TorchBuilder(mask), mask, list(kernel_size), list(stride), list(padding),
+                              list(dilation), bool(multi_channel))
+
+
 # --- dynamo exporter (torch.export + ONNX Script) ---------------------------------------------------------------
 
 def _onnxscript_partial_conv(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
@@ -282,8 +412,11 @@ def _flat_tensors(value) -> List[torch.Tensor]:
 
 def export(model: torch.nn.Module, args: Any, f: Optional[str | os.PathLike] = None, dynamo: bool = True, *,
            dynamic_batch: bool = True, **kwargs):
-    """Exports ``model`` (a module using pconv_cuda's ops, e.g. ``PartialConv2d`` or
-    ``pconv_cuda.inpainting.PConvUNet``) to ONNX with standard operators only.
+    """``torch.onnx.export`` with the batch axis dynamic by default and direct op calls translated.
+
+    ``torch.onnx.export`` itself exports every model built on pconv_cuda's layers and functional forms (e.g.
+    ``pconv_cuda.inpainting.PConvUNet``) to standard operators; this alias adds two things: axis 0 is dynamic
+    without ``dynamic_shapes`` / ``dynamic_axes``, and direct calls of ``torch.ops.pconv_cuda.*`` export too.
 
     Args:
         model: the module. Call ``model.eval()`` first (BatchNorm, dropout), as for any ONNX export.
@@ -291,8 +424,8 @@ def export(model: torch.nn.Module, args: Any, f: Optional[str | os.PathLike] = N
             mask of ``PartialConv2d`` for ``mask_in=None``) are dropped: the model's default is used.
         f: the ``.onnx`` file to write, or ``None`` (``dynamo=True`` returns the ``torch.onnx.ONNXProgram``,
             whose ``.save(path)`` writes it).
-        dynamo: ``True`` for the torch.export-based exporter (the ops are translated by
-            :func:`custom_translation_table`), ``False`` for the TorchScript one (the symbolics of
+        dynamo: ``True`` for the torch.export-based exporter (direct op calls are translated by
+            :func:`custom_translation_table`), ``False`` for the TorchScript one (by the symbolics of
             :func:`register_torchscript_symbolics`, registered here).
         dynamic_batch: make axis 0 dynamic ("batch") for every input whose first dimension equals the first
             input's (other inputs, e.g. a batch-1 mask that broadcasts, keep their size), and for the outputs

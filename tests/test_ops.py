@@ -45,7 +45,7 @@ def run_reference(x, m, w, b, s: Sample):
     return out, upd[: 1 if m is None else None, :1]
 
 
-def test_samples_cover_the_issue():
+def test_samples_cover_every_required_hyperparameter():
     # The sample list is the contract of the suite: keep every required hyper-parameter in it.
     kernels = {s.kernel for s in SAMPLES}
     assert {(1, 1), (3, 3), (5, 5), (7, 7)} <= kernels and any(k[0] != k[1] for k in kernels)
