@@ -109,6 +109,7 @@ struct Plan {
   std::string why;
   int64_t workspace = 0;
   double build_ms = 0;
+  std::mutex run;  // Graph::execute updates the graph's own caches: one thread at a time (it only enqueues work)
 };
 
 std::string plan_key(const FusedCall& c) {
@@ -192,9 +193,9 @@ class PlanCache {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = index_.find(plan_key(c));
     if (it == index_.end()) return;
-    auto failed = std::make_shared<Plan>(*it->second->second);
-    failed->graph = nullptr;
+    auto failed = std::make_shared<Plan>();
     failed->why = why;
+    failed->build_ms = it->second->second->build_ms;
     it->second->second = failed;
   }
 
@@ -272,7 +273,11 @@ bool fused_run(const FusedCall& call, const at::Tensor& conv_in, const at::Tenso
   cudnnHandle_t handle = at::native::getCudnnHandle();
   TORCH_CHECK(cudnnSetStream(handle, c10::cuda::getCurrentCUDAStream().stream()) == CUDNN_STATUS_SUCCESS,
               "cudnn_fused: cudnnSetStream failed");
-  const auto status = plan->graph->execute(handle, pack, workspace.data_ptr());
+  fe::error_t status;
+  {
+    std::lock_guard<std::mutex> lock(plan->run);
+    status = plan->graph->execute(handle, pack, workspace.data_ptr());
+  }
   if (!status.is_good()) {
     cache().mark_failed(call, status_text("execute", status));
     return false;
