@@ -14,6 +14,12 @@ all alike; the table gives the median of each, the speed-up = reference / fused 
 loss is randomly initialised (its weights do not change its cost) and is the same module for all. If pconv_cuda
 exports the reference layer (no extension built), the fused column is left out.
 
+Memory: for each variant and batch, the bytes autograd keeps for the backward of one training forward (the unique
+storages of the tensors the graph saves, parameters excluded: they exist without a graph), the ``kept_mb`` columns,
+with fused/plain. On this CPU freshly allocated buffers page-fault (glibc returns large freed blocks to the OS):
+the glibc settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, ...) in the environment are recorded in the
+JSON's env, since they move the times.
+
 `--cuda-graphs` adds the mode "infer-graph": each network's inference captured once in a CUDA graph and replayed,
 so the host's per-op work (Python, dispatch, allocation, launch calls: most of a layer's time at batch 1-8 on a
 GPU) drops out and what remains is GPU time: the measured counterpart of benchmarks/gpu_model.py's estimate.
@@ -21,7 +27,9 @@ GPU) drops out and what remains is GPU time: the measured counterpart of benchma
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -37,14 +45,15 @@ from pconv_cuda.inpainting import InpaintingLoss, IrregularMaskGenerator, PConvU
 
 
 class PlainConv2d(torch.nn.Conv2d):
-    """``nn.Conv2d`` with the partial convolution's interface (``multi_channel``, ``return_mask``): it convolves the
-    input as it is and passes the mask along unread, subsampled by the stride (views, no kernel), so the network
-    around it (upsampling, concatenation, normalisation) does the same work as with a partial convolution."""
+    """``nn.Conv2d`` with the partial convolution's interface (``multi_channel``, ``return_mask``, ``mask_groups``):
+    it convolves the input as it is and passes the mask along unread, subsampled by the stride (views, no kernel),
+    so the network around it (upsampling, concatenation of features and of the masks' maps, normalisation) does
+    the same work as with the fused partial convolution."""
 
     def __init__(self, *args, multi_channel: bool = False, return_mask: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor):
+    def forward(self, input: torch.Tensor, mask: torch.Tensor, mask_groups=None):
         out = super().forward(input)
         m = mask[:, :1, ::self.stride[0], ::self.stride[1]][..., :out.shape[2], :out.shape[3]]
         return out, m.expand(m.shape[0], self.out_channels, *out.shape[2:])
@@ -158,6 +167,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             if fused_available:
                 row["speedup"] = row["reference_ms"] / row["fused_ms"]
                 row["fused_over_plain"] = row["fused_ms"] / row["plain_ms"]
+            if mode == "train":
+                for name, model in models.items():
+                    row[f"{name}_kept_mb"] = kept_bytes(model, x, m) / 2**20
+                if fused_available:
+                    row["fused_kept_over_plain"] = row["fused_kept_mb"] / row["plain_kept_mb"]
             rows.append(row)
             print(_row_line(row, fused_available), flush=True)
 
@@ -166,6 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(), "layer_size": args.layer_size, "base_channels": args.base_channels,
         "repeats": args.repeats, "warmup": args.warmup, "fused_available": fused_available,
+        "glibc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
     }
     print()
     print(format_table(rows, fused_available))
@@ -175,6 +190,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def kept_bytes(model: PConvUNet, x: torch.Tensor, m: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of one training forward of `model`: the unique storages of the
+    tensors its graph saves (views of one storage count once), parameters excluded."""
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = model(x, m)
+    del out
+    gc.collect()  # saved outputs returned as themselves form cycles with their nodes
+    return sum(kept.values())
 
 
 def _cpu_name() -> str:
@@ -194,6 +229,11 @@ def _row_line(row: Dict[str, object], fused: bool) -> str:
     if fused:
         s += (f", fused {row['fused_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, "
               f"fused/plain {row['fused_over_plain']:.2f}x")
+    if "plain_kept_mb" in row:
+        s += "; autograd keeps " + ", ".join(f"{n} {row[f'{n}_kept_mb']:.1f} MB" for n in ("plain", "reference", "fused")
+                                             if f"{n}_kept_mb" in row)
+        if fused:
+            s += f" (fused/plain {row['fused_kept_over_plain']:.3f}x)"
     return s
 
 
@@ -203,14 +243,16 @@ CASES = {"infer": "inference", "infer-graph": "inference, CUDA graph", "train": 
 def format_table(rows: List[Dict[str, object]], fused: bool) -> str:
     """Markdown table of the medians, the speed-up (reference / fused) and fused / plain."""
     head = "| case | batch | size | plain (ms) | reference (ms) |" + (
-        " fused (ms) | speed-up | fused/plain |" if fused else "")
-    sep = "|---|---|---|---|---|" + ("---|---|---|" if fused else "")
+        " fused (ms) | speed-up | fused/plain |" if fused else "") + " kept MB plain/ref/fused |"
+    sep = "|---|---|---|---|---|" + ("---|---|---|" if fused else "") + "---|"
     lines = [head, sep]
     for r in rows:
         line = f"| {CASES[r['mode']]} | {r['batch']} | {r['size']}x{r['size']} | {r['plain_ms']:.1f} | " \
                f"{r['reference_ms']:.1f} |"
         if fused:
             line += f" {r['fused_ms']:.1f} | {r['speedup']:.2f}x | {r['fused_over_plain']:.2f}x |"
+        kept = [f"{r[f'{n}_kept_mb']:.1f}" for n in ("plain", "reference", "fused") if f"{n}_kept_mb" in r]
+        line += f" {'/'.join(kept) or '-'} |"
         lines.append(line)
     return "\n".join(lines)
 
