@@ -136,7 +136,7 @@ def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = 
 def _hole_select(t: Tensor, mask: Tensor, mask_groups: Optional[Sequence[int]] = None) -> Tensor:
     m = mask.to(t.dtype)
     if mask_groups is not None and 1 < m.shape[1] != t.shape[1]:  # G maps to one per channel
-        m = torch.repeat_interleave(m, torch.tensor(mask_groups, device=m.device), dim=1, output_size=t.shape[1])
+        m = torch.cat([m[:, g:g + 1].expand(-1, c, *m.shape[2:]) for g, c in enumerate(mask_groups)], dim=1)
     return torch.where(m == 0, torch.zeros((), dtype=t.dtype, device=t.device), t * m)
 
 

@@ -36,7 +36,14 @@ using ConvBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 inline at::Tensor hole_select(const at::Tensor& t, const at::Tensor& mask, at::OptionalIntArrayRef mask_groups) {
   at::Tensor m = mask.to(t.scalar_type());
   if (mask_groups.has_value() && m.size(1) > 1 && m.size(1) != t.size(1)) {
-    m = at::repeat_interleave(m, at::tensor(mask_groups->vec(), t.options().dtype(at::kLong)), 1, t.size(1));
+    // Views concatenated (no index tensor: this runs under fake tensors too, in torch.compile's backward).
+    std::vector<at::Tensor> parts;
+    std::vector<int64_t> shape = m.sizes().vec();
+    for (int64_t g = 0; g < m.size(1); ++g) {
+      shape[1] = (*mask_groups)[g];
+      parts.push_back(m.narrow(1, g, 1).expand(shape));
+    }
+    m = at::cat(parts, 1);
   }
   return at::where(m == 0, at::zeros({}, t.options()), t * m);
 }
