@@ -252,7 +252,7 @@ def _as_groups(mask: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
 def _mask_args(block: _PConvBlock, x: Tensor, maps: Tensor, sizes: Tuple[int, ...]):
     """block's arguments for input x with a mask of `maps` covering `sizes` channels: the maps and their groups
     for a layer that takes them; else the C-channel mask they stand for (expanded views, concatenated)."""
-    if not block.conv.multi_channel:  # a single-channel layer: the one map
+    if not getattr(block.conv, "multi_channel", True):  # a single-channel layer: the one map
         return x, maps
     if block.grouped:
         return x, maps, sizes
