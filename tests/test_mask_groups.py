@@ -345,3 +345,52 @@ def test_groups_need_multi_channel_and_ints(main_backend):
     # A multi-channel mask of the wrong channel count names mask_groups as the way to pass groups.
     with pytest.raises(RuntimeError, match="one channel per input channel .*or pass mask_groups"):
         pconv_cuda.partial_conv2d(x, maps, w, b, padding=1, multi_channel=True)
+
+
+# --- ONNX (the lowering: a weighted ones-Conv for S, a Gather of each channel's map for X*M) -------------------------
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("mask_groups", [(2, 3), (5,), (1, 1, 1, 1, 1)], ids=["two", "one", "per_channel"])
+def test_onnx_export_matches_the_op(mask_groups, dynamo, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import pconv_cuda.onnx as pconv_onnx
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = pconv_cuda.PartialConv2d(5, 6, 3, padding=1, multi_channel=True, return_mask=True)
+
+        def forward(self, x, m):
+            out, upd = self.conv(x, m, mask_groups=mask_groups)
+            ratio, upd2 = pconv_cuda.mask_update(m, 3, padding=1, multi_channel=True, mask_groups=mask_groups)
+            return out, upd, ratio, upd2
+
+    torch.manual_seed(0)
+    layer = Layer().eval()
+
+    def inputs(n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        maps = (torch.rand(n, len(mask_groups), 12, 11, generator=gen) > 0.4).float()
+        maps[0, :, :4, :4] = 0  # S = 0 there
+        x = torch.randn(n, 5, 12, 11, generator=gen)
+        return x.masked_fill(expand(maps, mask_groups) == 0, float("nan")), maps  # holes are exact holes
+
+    path = tmp_path / "grouped.onnx"
+    pconv_onnx.export(layer, inputs(2, 1), str(path), dynamo=dynamo, **({"external_data": False} if dynamo else {}))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (2, 3):
+        args = inputs(n, 10 + n)
+        got = [torch.from_numpy(o) for o in session.run(None, {i.name: t.numpy() for i, t in
+                                                                zip(session.get_inputs(), args)})]
+        with torch.no_grad():
+            want = layer(*args)
+            want_expanded = layer.conv(args[0], expand(args[1], mask_groups))
+        # The convolution is onnxruntime's (another summation order): tests/test_onnx.py's tolerances. The mask path
+        # sums 0/1 values: exact.
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got[0], want_expanded[0], rtol=1e-5, atol=1e-4)
+        assert torch.isfinite(got[0]).all()
+        for g, w in zip(got[1:], want[1:]):
+            torch.testing.assert_close(g, w.contiguous(), rtol=0, atol=0)
