@@ -184,10 +184,6 @@ def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding,
     s, win, acc = _window_sum(b, input, mask, kernel, stride, padding, dilation, multi_channel, c_in, mask_groups)
     ratio, update = _ratio_and_update(b, s, win, acc)
 
-    if mask is not None and mask_groups is not None and 1 < len(mask_groups) < c_in:
-        # Each channel's map (one map broadcasts as it is; one per channel is the mask itself).
-        index = np.repeat(np.arange(len(mask_groups), dtype=np.int64), list(mask_groups))
-        mask = b.op("Gather", mask, b.const(index), axis=1)
     if mask is None:
         conv_in = input
         masked_input = b.const(np.zeros((0,), np.float32))  # the op returns an empty tensor for mask=None
@@ -195,6 +191,10 @@ def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding,
     else:
         # X*M as a select, so that NaN / inf stored in a hole never reaches the output.
         m = _cast(b, mask, b.dtype(mask), x_dtype)
+        if mask_groups is not None and 1 < len(mask_groups) < c_in:
+            # Each channel's map (one map broadcasts as it is; one per channel is the mask itself).
+            index = np.repeat(np.arange(len(mask_groups), dtype=np.int64), list(mask_groups))
+            m = b.op("Gather", m, b.const(index), axis=1)
         zero = _cast(b, b.const(np.array(0, np.float32)), _FLOAT, x_dtype)
         conv_in = b.op("Where", b.op("Equal", m, zero), zero, b.op("Mul", input, m))
         masked_input = conv_in
