@@ -14,6 +14,10 @@ variants run interleaved and the median of each is reported with three ratios:
     python benchmarks/bench.py --json out.json         # also write the rows as JSON
     python benchmarks/bench.py --plot bench.png        # per-layer ratio bars at batch 1 (needs matplotlib)
     python benchmarks/bench.py --dims 3                # 3-D layers of a video-inpainting U-Net (8 frames x 128 px)
+    python benchmarks/bench.py --masks groups          # decoder layers with their skip link's two mask maps
+Mask kinds: single (one map), multi (C_in channels), groups (decoder layers only: the upsampled map and the skip's,
+mask_groups=(C_up, C_skip) for the fused op, the expanded C_in-channel mask for the reference and the peer, which
+take no groups; plain reads no mask).
 CUDA rows (CUDA-event timing after warm-up, peak memory) run when a GPU is present and pconv_cuda has CUDA
 kernels, once per CUDA route (--cuda-routes, default aten_conv, i.e. cuDNN plus our passes, and gemm, our
 implicit-GEMM kernel; cudnn_fused runs the renormalisation inside cuDNN's kernel, channels_last only; "auto"
@@ -39,6 +43,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 try:
     import resource  # Unix: page-fault counts
@@ -109,10 +114,22 @@ def shape_of(layer) -> str:
     return f"{layer.c_in}->{layer.c_out} k{layer.k} s{layer.stride} @{layer.size}"
 
 
+def decoder_groups(layer, layers) -> Optional[Tuple[int, int]]:
+    """(C_up, C_skip) of a decoder layer (decK concatenates encoder layer K-1's output, dec1 the image), else None."""
+    prefix = "v_" if layer.name.startswith("v_") else ""
+    if not layer.name.startswith(prefix + "dec"):
+        return None
+    k = int(layer.name[len(prefix) + 3:])
+    by_name = {l.name: l for l in layers}
+    skip = by_name[f"{prefix}enc{k - 1}"].c_out if k > 1 else by_name[f"{prefix}enc1"].c_in
+    return layer.c_in - skip, skip
+
+
 def make_case(layer, batch: int, multi: bool, device: str, dtype: torch.dtype, seed: int = 0,
-              channels_last: bool = False):
+              channels_last: bool = False, mask_groups: Optional[Tuple[int, ...]] = None):
     """(x, m, conv) for a 2-D Layer or a VideoLayer; conv is the nn.ConvNd whose parameters every variant uses.
-    channels_last: input, mask and weight in channels_last(_3d) memory format."""
+    channels_last: input, mask and weight in channels_last(_3d) memory format. mask_groups: m has one map per
+    group."""
     g = torch.Generator().manual_seed(seed)
     if isinstance(layer, VideoLayer):
         spatial = (layer.frames, layer.size, layer.size)
@@ -121,7 +138,7 @@ def make_case(layer, batch: int, multi: bool, device: str, dtype: torch.dtype, s
         spatial = (layer.size, layer.size)
         conv = torch.nn.Conv2d(layer.c_in, layer.c_out, layer.k, layer.stride, layer.k // 2)
     x = torch.randn(batch, layer.c_in, *spatial, generator=g).to(device, dtype)
-    mc = layer.c_in if multi else 1
+    mc = len(mask_groups) if mask_groups else layer.c_in if multi else 1
     m = (torch.rand(batch, mc, *spatial, generator=g) > 0.25).to(device, dtype)
     conv = conv.to(device, dtype)
     if channels_last:
@@ -136,7 +153,7 @@ COMPILED = [("reference_compiled", "reference", "default"), ("peer_compiled", "p
             ("reference_compiled_ro", "reference", "reduce-overhead"), ("peer_compiled_ro", "peer", "reduce-overhead")]
 
 
-def variants(x, m, conv, multi: bool, compiled: Tuple[str, ...] = (),
+def variants(x, m, conv, multi: bool, mask_groups: Optional[Tuple[int, ...]] = None, compiled: Tuple[str, ...] = (),
              graph_safe: bool = False) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The timed functions of x. compiled: the torch.compile modes of the COMPILED variants to add."""
     w, b, s, p = conv.weight, conv.bias, conv.stride, conv.padding
@@ -144,11 +161,14 @@ def variants(x, m, conv, multi: bool, compiled: Tuple[str, ...] = (),
     plain = F.conv3d if three_d else F.conv2d
     unfused = reference.partial_conv3d if three_d else reference.partial_conv2d
     fused = pconv_cuda.partial_conv3d if three_d else pconv_cuda.partial_conv2d
+    # Groups: the fused op reads the maps; the others take the C_in-channel mask they stand for (formed here).
+    full = m.repeat_interleave(torch.tensor(mask_groups, device=m.device), 1).contiguous(
+        memory_format=suggest_memory_format(m)) if mask_groups else m
     fns = {
         "plain": lambda x: plain(x, w, b, s, p),
-        "reference": lambda x: unfused(x, m, w, b, s, p, 1, 1, multi)[0],
-        "fused": lambda x: fused(x, m, w, b, s, p, 1, 1, multi)[0],
-        "peer": lambda x: peer_partial_conv2d(x, m, w, b, s, p, 1, 1, multi)[0],
+        "reference": lambda x: unfused(x, full, w, b, s, p, 1, 1, multi)[0],
+        "fused": lambda x: fused(x, m, w, b, s, p, 1, 1, multi, mask_groups)[0],
+        "peer": lambda x: peer_partial_conv2d(x, full, w, b, s, p, 1, 1, multi)[0],
     }
     for name, base, mode in COMPILED:
         if mode not in compiled or (graph_safe and mode == "reduce-overhead"):
@@ -198,9 +218,10 @@ def captured(step: Callable[[Callable], None], fn) -> Callable[[], None]:
 
 
 def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, channels_last=False,
-             compiled: Tuple[str, ...] = (), gpu_time=False) -> Row:
-    x, m, conv = make_case(layer, batch, multi, device, dtype, channels_last=channels_last)
-    fns = variants(x, m, conv, multi, compiled, graph_safe=gpu_time)
+             mask_groups=None, compiled: Tuple[str, ...] = (), gpu_time=False) -> Row:
+    multi = multi or bool(mask_groups)
+    x, m, conv = make_case(layer, batch, multi, device, dtype, channels_last=channels_last, mask_groups=mask_groups)
+    fns = variants(x, m, conv, multi, mask_groups, compiled, graph_safe=gpu_time)
     grad = None
     if backward:
         x.requires_grad_(True)
@@ -242,7 +263,7 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, chann
     fault_med = None if clock.cuda or minor_faults() < 0 else {n: statistics.median(f) for n, f in faults.items()}
     extra = {n: med[n] for n in names if n not in ("plain", "reference", "fused", "peer")} or None
     return Row(device, layer.name, shape_of(layer),
-               "multi" if multi else "single", batch, "fwd+bwd" if backward else "fwd", med["plain"],
+               "groups" if mask_groups else "multi" if multi else "single", batch, "fwd+bwd" if backward else "fwd", med["plain"],
                med["reference"], med["fused"], med["fused"] / med["plain"], med["reference"] / med["fused"],
                med["peer"], med["fused"] / med["peer"], peak, fault_med, extra,
                "cuda_graph" if gpu_time else "eager")
@@ -258,7 +279,7 @@ def summarise(rows: List[Row]) -> List[str]:
     lines = []
     for device in sorted({r.device for r in rows}):
         for pass_ in ("fwd", "fwd+bwd"):
-            for mask in ("single", "multi"):
+            for mask in ("single", "multi", "groups"):
                 sel = [r for r in rows if r.device == device and r.pass_ == pass_ and r.mask == mask]
                 if sel:
                     lines.append(
@@ -317,7 +338,7 @@ def plot(rows: List[Row], path: str) -> Optional[str]:
     if not sel:
         return "no batch-1 rows (add 1 to --batch)"
     panels = [(d, p, m) for d in dict.fromkeys(r.device for r in sel) for p in ("fwd", "fwd+bwd")
-              for m in ("single", "multi") if any(r.device == d and r.pass_ == p and r.mask == m for r in sel)]
+              for m in ("single", "multi", "groups") if any(r.device == d and r.pass_ == p and r.mask == m for r in sel)]
     series = [("fused/plain", "fused_over_plain"), ("fused/peer", "fused_over_peer"),
               ("ref/fused", "reference_over_fused")]
     n_layers = len({r.layer for r in sel})
@@ -349,7 +370,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 5)")
     ap.add_argument("--layers", nargs="+", default=None,
                     help="subset of layer names, e.g. enc1 dec1 or enc1,dec1")
-    ap.add_argument("--masks", nargs="+", default=["single", "multi"], choices=["single", "multi"])
+    ap.add_argument("--masks", nargs="+", default=["single", "multi"], choices=["single", "multi", "groups"],
+                    help="mask kinds (default single multi); groups: decoder layers with mask_groups=(C_up, C_skip)")
     ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--dims", type=int, default=2, choices=[2, 3],
                     help="2: the image U-Net's layers (default); 3: a video U-Net's 3-D layers (video_layers)")
@@ -419,8 +441,11 @@ def main(argv=None) -> int:
             for batch in batches:
                 for mask in args.masks:
                     for layer in layers:
+                        groups = decoder_groups(layer, all_layers) if mask == "groups" else None
+                        if mask == "groups" and groups is None:
+                            continue  # an encoder layer's mask is one map
                         r = run_case(layer, batch, mask == "multi", pass_ == "fwd+bwd", device, dtype, repeats, clock,
-                                     args.channels_last, compiled, args.gpu_time and clock.cuda)
+                                     args.channels_last, groups, compiled, args.gpu_time and clock.cuda)
                         r.device = label
                         rows.append(r)
                         print(f"{r.device:4s} {r.layer:6s} {r.shape:30s} {r.mask:6s} {r.batch:2d} {r.pass_:7s} "

@@ -14,6 +14,13 @@ all alike; the table gives the median of each, the speed-up = reference / fused 
 loss is randomly initialised (its weights do not change its cost) and is the same module for all. If pconv_cuda
 exports the reference layer (no extension built), the fused column is left out.
 
+Memory: for each variant and batch, the bytes autograd keeps for the backward of one training forward of the
+network (the loss not included): the unique storages of the tensors its graph saves, ``kept_mb`` (the weights the
+convolutions save included, as issue 23 measured: 165 MB for the plain network), and ``kept_act_mb`` without the
+parameters (what the graph adds to the model's own memory), each with fused/plain. On this CPU freshly allocated buffers page-fault (glibc returns large freed blocks to the OS):
+the glibc settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, ...) in the environment are recorded in the
+JSON's env, since they move the times.
+
 `--cuda-graphs` adds the mode "infer-graph": each network's inference captured once in a CUDA graph and replayed,
 so the host's per-op work (Python, dispatch, allocation, launch calls: most of a layer's time at batch 1-8 on a
 GPU) drops out and what remains is GPU time: the measured counterpart of benchmarks/gpu_model.py's estimate.
@@ -21,13 +28,15 @@ GPU) drops out and what remains is GPU time: the measured counterpart of benchma
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,14 +46,16 @@ from pconv_cuda.inpainting import InpaintingLoss, IrregularMaskGenerator, PConvU
 
 
 class PlainConv2d(torch.nn.Conv2d):
-    """``nn.Conv2d`` with the partial convolution's interface (``multi_channel``, ``return_mask``): it convolves the
-    input as it is and passes the mask along unread, subsampled by the stride (views, no kernel), so the network
-    around it (upsampling, concatenation, normalisation) does the same work as with a partial convolution."""
+    """``nn.Conv2d`` with the partial convolution's interface (``multi_channel``, ``return_mask``, ``mask_groups``):
+    it convolves the input as it is and passes the mask along unread, subsampled by the stride (views, no kernel),
+    so the network around it (upsampling, concatenation of features and of the masks' maps, normalisation) does
+    the same work as with the fused partial convolution."""
 
     def __init__(self, *args, multi_channel: bool = False, return_mask: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.multi_channel = multi_channel
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor):
+    def forward(self, input: torch.Tensor, mask: torch.Tensor, mask_groups=None):
         out = super().forward(input)
         m = mask[:, :1, ::self.stride[0], ::self.stride[1]][..., :out.shape[2], :out.shape[3]]
         return out, m.expand(m.shape[0], self.out_channels, *out.shape[2:])
@@ -63,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs per variant and case, median reported (default 2, so that the default run "
                         "takes about 3 minutes on one CPU core; use more where time allows)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant and case first")
+    p.add_argument("--loss", choices=("inpainting", "l1"), default="inpainting",
+                   help="the training step's loss: InpaintingLoss (VGG16 features; default) or L1 to the image, "
+                        "whose step is the network alone")
+    p.add_argument("--variants", nargs="+", choices=("plain", "reference", "fused"),
+                   default=["plain", "reference", "fused"], help="networks to time (default all three)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's choice)")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -91,7 +107,8 @@ def _case_fn(
         def run() -> None:
             model.zero_grad(set_to_none=True)
             out, _ = model(x, m)
-            loss_fn(out, x, m)["total"].backward()
+            loss = (out - x).abs().mean() if loss_fn is None else loss_fn(out, x, m)["total"]
+            loss.backward()
     return run
 
 
@@ -124,15 +141,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     else:
         print("pconv_cuda exports the reference layer (extension not built): timing the reference only",
               file=sys.stderr)
+    variants = {k: v for k, v in variants.items() if k in args.variants or k == "plain"}
+    fused_available = fused_available and "fused" in variants
 
     torch.manual_seed(0)
     models = {}
     for name, cls in variants.items():
         models[name] = PConvUNet(args.layer_size, pconv=cls, base_channels=args.base_channels).to(device)
-    state = models["reference"].state_dict()
+    state = models["plain"].state_dict()
     for model in models.values():
         model.load_state_dict(state)
-    loss_fn = InpaintingLoss(vgg_weights="random").to(device) if "train" in args.modes else None
+    loss_fn = (InpaintingLoss(vgg_weights="random").to(device) if "train" in args.modes and args.loss == "inpainting"
+               else None)
     gen = IrregularMaskGenerator(args.size, args.size, seed=0)
 
     rows: List[Dict[str, object]] = []
@@ -156,8 +176,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 row[f"{name}_ms"] = statistics.median(ts) * 1e3
                 row[f"{name}_all_ms"] = [t * 1e3 for t in ts]
             if fused_available:
-                row["speedup"] = row["reference_ms"] / row["fused_ms"]
                 row["fused_over_plain"] = row["fused_ms"] / row["plain_ms"]
+                if "reference_ms" in row:
+                    row["speedup"] = row["reference_ms"] / row["fused_ms"]
+            if mode == "train":
+                for name, model in models.items():
+                    total, activations = kept_bytes(model, x, m)
+                    row[f"{name}_kept_mb"], row[f"{name}_kept_act_mb"] = total / 2**20, activations / 2**20
+                if fused_available:
+                    row["fused_kept_over_plain"] = row["fused_kept_mb"] / row["plain_kept_mb"]
+                    row["fused_kept_act_over_plain"] = row["fused_kept_act_mb"] / row["plain_kept_act_mb"]
             rows.append(row)
             print(_row_line(row, fused_available), flush=True)
 
@@ -165,7 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "torch": torch.__version__, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(), "layer_size": args.layer_size, "base_channels": args.base_channels,
-        "repeats": args.repeats, "warmup": args.warmup, "fused_available": fused_available,
+        "repeats": args.repeats, "warmup": args.warmup, "fused_available": fused_available, "loss": args.loss,
+        "glibc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
     }
     print()
     print(format_table(rows, fused_available))
@@ -175,6 +204,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def kept_bytes(model: PConvUNet, x: torch.Tensor, m: torch.Tensor) -> Tuple[int, int]:
+    """Bytes autograd keeps for the backward of one training forward of `model`: the unique storages of the
+    tensors its graph saves (views of one storage count once), and the same without the parameters."""
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = model(x, m)
+    del out
+    gc.collect()  # saved outputs returned as themselves form cycles with their nodes
+    return sum(kept.values()), sum(n for ptr, n in kept.items() if ptr not in params)
 
 
 def _cpu_name() -> str:
@@ -190,11 +237,22 @@ def _cpu_name() -> str:
 
 def _row_line(row: Dict[str, object], fused: bool) -> str:
     s = (f"{row['mode']:11s} batch {row['batch']}: plain {row['plain_ms']:.1f} ms, "
-         f"reference {row['reference_ms']:.1f} ms")
+         f"reference {_num(row, 'reference_ms', '.1f')} ms")
     if fused:
-        s += (f", fused {row['fused_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, "
-              f"fused/plain {row['fused_over_plain']:.2f}x")
+        s += (f", fused {row['fused_ms']:.1f} ms, speed-up {_num(row, 'speedup', '.2f')}x, "
+              f"fused/plain {row['fused_over_plain']:.3f}x")
+    if "plain_kept_mb" in row:
+        names = [n for n in ("plain", "reference", "fused") if f"{n}_kept_mb" in row]
+        s += ("; autograd keeps " + ", ".join(f"{n} {row[f'{n}_kept_mb']:.1f} MB" for n in names)
+              + " (without parameters " + ", ".join(f"{row[f'{n}_kept_act_mb']:.1f}" for n in names) + ")")
+        if fused:
+            s += (f", fused/plain {row['fused_kept_over_plain']:.3f}x "
+                  f"({row['fused_kept_act_over_plain']:.3f}x without parameters)")
     return s
+
+
+def _num(row: Dict[str, object], key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else "-"
 
 
 CASES = {"infer": "inference", "infer-graph": "inference, CUDA graph", "train": "training step (fwd + loss + bwd)"}
@@ -203,14 +261,23 @@ CASES = {"infer": "inference", "infer-graph": "inference, CUDA graph", "train": 
 def format_table(rows: List[Dict[str, object]], fused: bool) -> str:
     """Markdown table of the medians, the speed-up (reference / fused) and fused / plain."""
     head = "| case | batch | size | plain (ms) | reference (ms) |" + (
-        " fused (ms) | speed-up | fused/plain |" if fused else "")
-    sep = "|---|---|---|---|---|" + ("---|---|---|" if fused else "")
+        " fused (ms) | speed-up | fused/plain |" if fused else "") + (
+        " kept MB plain/ref/fused (without parameters) | kept fused/plain |")
+    sep = "|---|---|---|---|---|" + ("---|---|---|" if fused else "") + "---|---|"
     lines = [head, sep]
     for r in rows:
         line = f"| {CASES[r['mode']]} | {r['batch']} | {r['size']}x{r['size']} | {r['plain_ms']:.1f} | " \
-               f"{r['reference_ms']:.1f} |"
+               f"{_num(r, 'reference_ms', '.1f')} |"
         if fused:
-            line += f" {r['fused_ms']:.1f} | {r['speedup']:.2f}x | {r['fused_over_plain']:.2f}x |"
+            line += f" {r['fused_ms']:.1f} | {_num(r, 'speedup', '.2f')}x | {r['fused_over_plain']:.3f}x |"
+        names = [n for n in ("plain", "reference", "fused") if f"{n}_kept_mb" in r]
+        if names:
+            line += (" " + "/".join(f"{r[f'{n}_kept_mb']:.1f}" for n in names) + " ("
+                     + "/".join(f"{r[f'{n}_kept_act_mb']:.1f}" for n in names) + ") |")
+            line += (f" {r['fused_kept_over_plain']:.3f}x ({r['fused_kept_act_over_plain']:.3f}x) |" if fused
+                     else " - |")
+        else:
+            line += " - | - |"
         lines.append(line)
     return "\n".join(lines)
 

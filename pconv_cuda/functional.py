@@ -69,6 +69,7 @@ def partial_conv2d(
     dilation: IntOrPair = 1,
     groups: int = 1,
     multi_channel: bool = False,
+    mask_groups: Optional[Sequence[int]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Partial convolution (Liu et al. 2018). Returns ``(output, updated_mask)``.
 
@@ -81,8 +82,15 @@ def partial_conv2d(
     ``mask`` is (N or 1, 1, H, W), or (N or 1, C_in, H, W) with ``multi_channel=True``, in the input's dtype, bool
     or uint8, with values in [0, 1] (1 = valid, 0 = hole); ``None`` means no holes. ``updated_mask`` is ``U`` of
     shape (N_mask, 1, H', W') in the input's dtype. Differentiable in input, weight and bias, not in mask.
+
+    ``mask_groups`` (with ``multi_channel=True``): the mask is (N or 1, G, H, W), G maps of which map g covers the
+    next ``mask_groups[g]`` input channels (positive counts summing to C_in), with exactly the result of that mask
+    expanded to C_in channels (``mask.repeat_interleave(torch.tensor(mask_groups), 1)``), which is never formed:
+    e.g. a U-Net skip link's ``torch.cat([up_mask, skip_mask], 1)`` with ``mask_groups=(c_up, c_skip)``. A
+    multi-channel mask that is one map expanded over the channels (stride 0, ``m.expand(-1, C_in, -1, -1)``) is
+    taken as one group without a copy.
     """
-    return _partial_conv(2, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+    return _partial_conv(2, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups)
 
 
 def partial_conv3d(
@@ -95,25 +103,43 @@ def partial_conv3d(
     dilation: IntOrPair = 1,
     groups: int = 1,
     multi_channel: bool = False,
+    mask_groups: Optional[Sequence[int]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """3-D partial convolution (video, volumes). Returns ``(output, updated_mask)``.
 
     :func:`partial_conv2d` with a depth: ``input`` (N, C_in, D, H, W), ``weight`` (C_out, C_in / groups, kd, kh, kw),
     ``mask`` (N or 1, 1, D, H, W), or (N or 1, C_in, D, H, W) with ``multi_channel=True``, or ``None``; stride,
     padding and dilation are an int or three ints. S is the window sum over (kd, kh, kw), ``win = kd*kh*kw``
-    (``C_in*kd*kh*kw`` multi-channel); ``updated_mask`` is (N_mask, 1, D', H', W'). Same semantics, dtypes and
-    autograd paths as the 2-D call.
+    (``C_in*kd*kh*kw`` multi-channel); ``updated_mask`` is (N_mask, 1, D', H', W'). Same semantics, dtypes,
+    ``mask_groups`` and autograd paths as the 2-D call.
     """
-    return _partial_conv(3, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+    return _partial_conv(3, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups)
 
 
-def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+def _mask_groups(value) -> Optional[Tuple[int, ...]]:
+    """mask_groups as a tuple of ints (the op checks the values: positive, summing to C_in, one per map)."""
+    if value is None:
+        return None
+    if type(value) is tuple and all(type(v) is int for v in value):
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list, torch.Size)):
+        raise TypeError(f"mask_groups must be a sequence of ints (input channels per mask map), got "
+                        f"{type(value).__name__}")
+    t = tuple(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in t):
+        raise TypeError(f"mask_groups must be a sequence of ints (input channels per mask map), got {value!r}")
+    return t
+
+
+def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
+                  mask_groups=None):
     stride_ = _ntuple(stride, dims, "stride")
     dilation_ = _ntuple(dilation, dims, "dilation")
     padding_ = resolve_padding(padding, tuple(weight.shape[2:2 + dims]), dilation_, stride_)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
-    args = (input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel))
+    args = (input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel),
+            _mask_groups(mask_groups))
     if _needs_function():
         run = _onnx_lowering().partial_conv_as_torch_ops if _in_onnx_export() else PartialConv2dFunction.apply
     elif _tracing_state() is not None and _in_onnx_export():  # the TorchScript exporter
@@ -175,11 +201,12 @@ def partial_conv1d(
     dilation: Union[int, Sequence[int]] = 1,
     groups: int = 1,
     multi_channel: bool = False,
+    mask_groups: Optional[Sequence[int]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """1-D partial convolution: :func:`partial_conv2d` on a height-1 view. Returns ``(output, updated_mask)``.
 
     ``input`` is (N, C_in, L), ``weight`` (C_out, C_in / groups, k), ``mask`` (N or 1, 1, L), or (N or 1, C_in, L)
-    with ``multi_channel=True``, or ``None``. A window of height 1 with no vertical padding covers the one row, so S,
+    with ``multi_channel=True`` (or (N or 1, G, L) with ``mask_groups``), or ``None``. A window of height 1 with no vertical padding covers the one row, so S,
     ``win = k`` (``C_in*k`` multi-channel), ratio and U are exactly the 1-D ones; ``updated_mask`` is
     (N_mask, 1, L'). Same ops, same backward, same dtypes and autograd paths as the 2-D call.
     """
@@ -200,7 +227,7 @@ def partial_conv1d(
         padding_ = (0, _single(padding, "padding"))
     output, updated_mask = partial_conv2d(input.unsqueeze(2), None if mask is None else mask.unsqueeze(2),
                                           weight.unsqueeze(2), bias, (1, stride_), padding_, (1, dilation_), groups,
-                                          multi_channel)
+                                          multi_channel, mask_groups)
     return output.squeeze(2), updated_mask.squeeze(2)
 
 
@@ -211,9 +238,12 @@ def mask_update(
     padding: IntOrPair = 0,
     dilation: IntOrPair = 1,
     multi_channel: bool = False,
+    mask_groups: Optional[Sequence[int]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The mask path alone: returns ``(ratio, updated_mask)``, each (N, 1, H', W'); for a 5-D mask
-    (N, C, D, H, W) each is (N, 1, D', H', W') and the int-or-tuple arguments have three elements.
+    (N, C, D, H, W) each is (N, 1, D', H', W') and the int-or-tuple arguments have three elements. With
+    ``mask_groups`` (and ``multi_channel=True``) the mask's G maps stand for ``sum(mask_groups)`` channels, as in
+    :func:`partial_conv2d`.
 
     ``ratio = win / S * clamp(S, 0, 1)`` (0 where ``S == 0``) in float32 (float64 for a float64 mask),
     ``updated_mask = clamp(S, 0, 1)`` in the mask's dtype (float32 for bool / uint8 masks).
@@ -225,16 +255,17 @@ def mask_update(
     padding_ = resolve_padding(padding, kernel_, dilation_, stride_)
     if (torch.compiler.is_compiling() or _tracing_state() is not None) and _in_onnx_export():
         return _onnx_lowering().mask_update_as_torch_ops(mask, kernel_, stride_, padding_, dilation_,
-                                                         bool(multi_channel))
-    return torch.ops.pconv_cuda.mask_update(mask, kernel_, stride_, padding_, dilation_, bool(multi_channel))
+                                                         bool(multi_channel), _mask_groups(mask_groups))
+    return torch.ops.pconv_cuda.mask_update(mask, kernel_, stride_, padding_, dilation_, bool(multi_channel),
+                                            _mask_groups(mask_groups))
 
 
 class PartialConv2dFunction(torch.autograd.Function):
     """``torch.autograd.Function`` over the same ops (and the same backward) as :func:`partial_conv2d` (and
     :func:`partial_conv3d`: a 5-D input runs the 3-D op).
 
-    ``PartialConv2dFunction.apply(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)``
-    returns the op's four outputs ``(output, updated_mask, ratio, masked_input)``: ratio and masked_input (X*M, an
+    ``PartialConv2dFunction.apply(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
+    mask_groups=None)`` returns the op's four outputs ``(output, updated_mask, ratio, masked_input)``: ratio and masked_input (X*M, an
     empty tensor for ``mask=None``) are what the backward keeps; only ``output`` and ``masked_input`` carry
     gradients. ``stride``, ``padding`` and ``dilation`` are (h, w) pairs ((d, h, w) for a 5-D input). It has ``setup_context`` and a generated
     vmap rule, so torch.func transforms (grad, vjp, jacrev, vmap) apply; :func:`partial_conv2d` runs through it
@@ -244,8 +275,9 @@ class PartialConv2dFunction(torch.autograd.Function):
     generate_vmap_rule = True  # vmap runs forward under vmap (the op's batched fallback) and derives the rest
 
     @staticmethod
-    def forward(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
-        return _run_op(*_normalised(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel))
+    def forward(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None):
+        return _run_op(*_normalised(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
+                                    mask_groups))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -254,30 +286,31 @@ class PartialConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
         grad_input, grad_weight, grad_bias = ops.input_grads(ctx, grad_output, grad_masked_input)
-        return grad_input, None, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, None, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def _normalised(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+def _normalised(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None):
     n = input.dim() - 2
     return (input, mask, weight, bias, _ntuple(stride, n, "stride"), _ntuple(padding, n, "padding"),
-            _ntuple(dilation, n, "dilation"), groups, bool(multi_channel))
+            _ntuple(dilation, n, "dilation"), groups, bool(multi_channel), _mask_groups(mask_groups))
 
 
-def _run_op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+def _run_op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups):
     """The op, inside an autograd.Function's forward, which records the graph itself."""
     op = _op(input.dim() - 2)
+    args = (input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups)
     if torch.compiler.is_compiling():
-        return op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+        return op(*args)
     # Skip the op's own autograd kernel (what that kernel does itself once it has decided not to record).
     with torch._C._AutoDispatchBelowAutograd():
-        return op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel)
+        return op(*args)
 
 
 def _save(ctx, inputs, output) -> None:
     # The op's own autograd registration (pconv_cuda.ops) does the same: one backward for every path.
-    input, mask, weight, bias, stride, padding, dilation, groups, multi_channel = inputs
+    input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups = inputs
     _, updated_mask, ratio, masked_input = output
     ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input,
-                          (stride, padding, dilation, groups, multi_channel))
+                          (stride, padding, dilation, groups, multi_channel), mask_groups)
     ctx.mark_non_differentiable(updated_mask, ratio)
     ctx.set_materialize_grads(False)

@@ -1,7 +1,7 @@
 """nn.Module front of the fused op."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,9 +29,11 @@ class _PartialConv:
         # Resolved once: 'same' / 'valid' become the symmetric padding the functional form takes.
         self._op_padding = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
 
-    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None):
+    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None, mask_groups: Optional[Sequence[int]] = None):
+        """``mask_groups`` (multi-channel layers): ``mask_in`` has G maps, map g covering the next
+        ``mask_groups[g]`` input channels, as the functional form describes."""
         output, updated_mask = self._functional(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
-                                                self.dilation, self.groups, self.multi_channel)
+                                                self.dilation, self.groups, self.multi_channel, mask_groups)
         return self._returned(input, mask_in, output, updated_mask)
 
     def _returned(self, input: Tensor, mask_in: Optional[Tensor], output: Tensor, updated_mask: Tensor):
@@ -50,8 +52,9 @@ class PartialConv2d(_PartialConv, nn.Conv2d):
     """Drop-in replacement for NVIDIA's ``PartialConv2d`` on the fused op.
 
     A subclass of ``nn.Conv2d`` with the same parameters, so a state_dict of an ``nn.Conv2d`` or of NVIDIA's layer
-    loads unchanged. ``forward(input, mask_in=None)`` returns the output, or ``(output, updated_mask)`` with
-    ``return_mask=True``. The updated mask has NVIDIA's shape: (N_mask, 1, H', W') for a single-channel mask,
+    loads unchanged. ``forward(input, mask_in=None, mask_groups=None)`` returns the output, or
+    ``(output, updated_mask)`` with ``return_mask=True``; ``mask_groups`` (with ``multi_channel=True``) gives
+    ``mask_in`` as G maps of channel groups (:func:`pconv_cuda.functional.partial_conv2d`). The updated mask has NVIDIA's shape: (N_mask, 1, H', W') for a single-channel mask,
     (N, C_out, H', W') with ``multi_channel=True`` (an expanded view: every channel is the same map).
     ``mask_in=None`` means no holes: only the borders are renormalised (computed in closed form each call; no mask
     is read and nothing carries over between calls).

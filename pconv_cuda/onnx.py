@@ -4,10 +4,11 @@ The ops are lowered to standard ONNX operators (no custom domain, so any runtime
 of docs/architecture.md::
 
     S      = Conv(M, ones(1, C_m, kh, kw))          window sum of the mask (C_m = C_in multi-channel, else 1;
-                                                    (kd, kh, kw) for partial_conv3d)
+                                                    (kd, kh, kw) for partial_conv3d; with mask_groups the
+                                                    kernel's map g is mask_groups[g], not 1)
     U      = Clip(S, 0, 1)                          the updated mask
     ratio  = Where(S == 0, 0, win / S * U)          float32 (float64 for float64 input)
-    Y      = Conv(Where(M == 0, 0, X * M), W) * ratio + b * U
+    Y      = Conv(Where(M == 0, 0, X * M), W) * ratio + b * U   (mask_groups: M = Gather(M, channel's map))
 
 ``mask=None`` counts the in-bounds taps with the same ones-Conv over a ones plane of the input's spatial size
 (``ConstantOfShape(Shape(X)[2:])``), so border windows are renormalised and the batch axis stays dynamic; the
@@ -132,7 +133,7 @@ def _np_dtype(onnx_dtype: int):
 
 
 def _window_sum(b: _Builder, x, mask, kernel: Sequence[int], stride, padding, dilation, multi_channel: bool,
-                c_in: int):
+                c_in: int, mask_groups: Optional[Sequence[int]] = None):
     """S (N_mask or 1, 1, [D',] H', W') in float32 (float64 for float64 input), and win = kh*kw (*kd) (*C_in)."""
     kernel = list(kernel)
     taps = int(np.prod(kernel))
@@ -152,7 +153,11 @@ def _window_sum(b: _Builder, x, mask, kernel: Sequence[int], stride, padding, di
         return s, win, acc
     m = mask if b.dtype(mask) == acc else b.op("Cast", mask, to=acc)
     c_m = c_in if multi_channel else 1
-    s = b.op("Conv", m, b.const(np.ones((1, c_m, *kernel), _np_dtype(acc))), **conv)
+    ones = np.ones((1, c_m, *kernel), _np_dtype(acc))
+    if mask_groups is not None:  # map g counts once per channel it covers
+        ones = np.ones((1, len(mask_groups), *kernel), _np_dtype(acc))
+        ones *= np.asarray(mask_groups, _np_dtype(acc)).reshape(1, -1, *(1,) * len(kernel))
+    s = b.op("Conv", m, b.const(ones), **conv)
     return s, win, acc
 
 
@@ -173,7 +178,8 @@ def _cast(b: _Builder, value, from_: int, to: int):
     return value if from_ == to else b.op("Cast", value, to=to)
 
 
-def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
+                        mask_groups: Optional[Sequence[int]] = None):
     """(output, updated_mask, ratio, masked_input) of pconv_cuda::partial_conv2d or partial_conv3d (by the
     weight's rank) in ONNX operators."""
     w_shape = b.shape(weight)
@@ -182,7 +188,7 @@ def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding,
     c_out, c_in_g, *kernel = w_shape
     c_in = c_in_g * groups
     x_dtype = b.dtype(input)
-    s, win, acc = _window_sum(b, input, mask, kernel, stride, padding, dilation, multi_channel, c_in)
+    s, win, acc = _window_sum(b, input, mask, kernel, stride, padding, dilation, multi_channel, c_in, mask_groups)
     ratio, update = _ratio_and_update(b, s, win, acc)
 
     if mask is None:
@@ -192,6 +198,10 @@ def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding,
     else:
         # X*M as a select, so that NaN / inf stored in a hole never reaches the output.
         m = _cast(b, mask, b.dtype(mask), x_dtype)
+        if mask_groups is not None and 1 < len(mask_groups) < c_in:
+            # Each channel's map (one map broadcasts as it is; one per channel is the mask itself).
+            index = np.repeat(np.arange(len(mask_groups), dtype=np.int64), list(mask_groups))
+            m = b.op("Gather", m, b.const(index), axis=1)
         zero = _cast(b, b.const(np.array(0, np.float32)), _FLOAT, x_dtype)
         conv_in = b.op("Where", b.op("Equal", m, zero), zero, b.op("Mul", input, m))
         masked_input = conv_in
@@ -207,14 +217,18 @@ def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding,
     return out, _cast(b, update, acc, x_dtype), ratio, masked_input
 
 
-def _lower_mask_update(b: _Builder, mask, kernel_size, stride, padding, dilation, multi_channel):
+def _lower_mask_update(b: _Builder, mask, kernel_size, stride, padding, dilation, multi_channel,
+                       mask_groups: Optional[Sequence[int]] = None):
     """(ratio, updated_mask) of pconv_cuda::mask_update."""
     m_shape = b.shape(mask)
     c_m = m_shape[1] if m_shape is not None and len(m_shape) in (4, 5) else None
+    if mask_groups is not None:
+        c_m = sum(mask_groups)
     if multi_channel and c_m is None:
         raise RuntimeError("pconv_cuda ONNX export: a multi-channel mask_update needs the mask's channel count")
     m_dtype = b.dtype(mask)
-    s, win, acc = _window_sum(b, mask, mask, kernel_size, stride, padding, dilation, multi_channel, c_m or 1)
+    s, win, acc = _window_sum(b, mask, mask, kernel_size, stride, padding, dilation, multi_channel, c_m or 1,
+                              mask_groups)
     ratio, update = _ratio_and_update(b, s, win, acc)
     return ratio, _cast(b, update, acc, m_dtype if m_dtype in _FLOATING else _FLOAT)
 
@@ -326,32 +340,41 @@ class _TorchBuilder(_Builder):
     def _Reshape(self, x, shape):
         return x.reshape([int(s) for s in shape])
 
+    def _Gather(self, data, index, axis):
+        return torch.index_select(data, axis, self._operand(index).to(device=data.device, dtype=torch.long))
 
-def partial_conv_as_torch_ops(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+
+def partial_conv_as_torch_ops(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
+                              mask_groups=None):
     """``pconv_cuda::partial_conv2d`` / ``partial_conv3d``'s four outputs (by the weight's rank) computed by the ONNX
     lowering in torch operations: what the functional forms run under ``torch.onnx.export``."""
     b = _TorchBuilder(input)
     outputs = _lower_partial_conv(b, input, mask, weight, bias, list(stride), list(padding), list(dilation),
-                                  int(groups), bool(multi_channel))
+                                  int(groups), bool(multi_channel), _groups_list(mask_groups))
     return tuple(b._tensor(v) for v in outputs)  # (masked_input for mask=None is a constant)
 
 
-def mask_update_as_torch_ops(mask, kernel_size, stride, padding, dilation, multi_channel):
+def mask_update_as_torch_ops(mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups=None):
     """``pconv_cuda::mask_update``'s (ratio, updated_mask) by the ONNX lowering in torch operations."""
     return _lower_mask_update(_TorchBuilder(mask), mask, list(kernel_size), list(stride), list(padding),
-                              list(dilation), bool(multi_channel))
+                              list(dilation), bool(multi_channel), _groups_list(mask_groups))
 
 
 # --- dynamo exporter (torch.export + ONNX Script) ---------------------------------------------------------------
 
-def _onnxscript_partial_conv(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+def _groups_list(mask_groups) -> Optional[List[int]]:
+    return None if mask_groups is None else [int(c) for c in mask_groups]
+
+
+def _onnxscript_partial_conv(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
+                             mask_groups=None):
     return _lower_partial_conv(_OnnxScriptBuilder(), input, mask, weight, bias, list(stride), list(padding),
-                                 list(dilation), int(groups), bool(multi_channel))
+                                 list(dilation), int(groups), bool(multi_channel), _groups_list(mask_groups))
 
 
-def _onnxscript_mask_update(mask, kernel_size, stride, padding, dilation, multi_channel):
+def _onnxscript_mask_update(mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups=None):
     return _lower_mask_update(_OnnxScriptBuilder(), mask, list(kernel_size), list(stride), list(padding),
-                              list(dilation), bool(multi_channel))
+                              list(dilation), bool(multi_channel), _groups_list(mask_groups))
 
 
 def custom_translation_table() -> Dict[Callable, Callable]:
@@ -374,20 +397,29 @@ def _ints(value) -> List[int]:
     return [int(v) for v in symbolic_helper._maybe_get_const(value, "is")]
 
 
-def _torchscript_partial_conv(g, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+def _optional_ints(value) -> Optional[List[int]]:
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
+
+    return None if value is None or sh._is_none(value) else _ints(value)
+
+
+def _torchscript_partial_conv(g, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
+                              mask_groups=None):
     from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
 
     return _lower_partial_conv(
         _TorchScriptBuilder(g), input, None if sh._is_none(mask) else mask, weight,
         None if sh._is_none(bias) else bias, _ints(stride), _ints(padding), _ints(dilation),
-        int(sh._maybe_get_const(groups, "i")), bool(sh._maybe_get_const(multi_channel, "b")))
+        int(sh._maybe_get_const(groups, "i")), bool(sh._maybe_get_const(multi_channel, "b")),
+        _optional_ints(mask_groups))
 
 
-def _torchscript_mask_update(g, mask, kernel_size, stride, padding, dilation, multi_channel):
+def _torchscript_mask_update(g, mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups=None):
     from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
 
     return _lower_mask_update(_TorchScriptBuilder(g), mask, _ints(kernel_size), _ints(stride), _ints(padding),
-                              _ints(dilation), bool(sh._maybe_get_const(multi_channel, "b")))
+                              _ints(dilation), bool(sh._maybe_get_const(multi_channel, "b")),
+                              _optional_ints(mask_groups))
 
 
 def register_torchscript_symbolics(opset_version: int = TORCHSCRIPT_OPSET) -> None:

@@ -41,7 +41,7 @@ def _check_devices(op: str, input: Tensor, **others: Optional[Tensor]) -> None:
 def _conv_fake(op: str):
     dims = 3 if op == "partial_conv3d" else 2
 
-    def fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel):
+    def fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None):
         _check_devices(op, input, mask=mask, weight=weight, bias=bias)
         torch._check(input.dim() == dims + 2, lambda: f"input must be {dims + 2}-D, got {input.dim()}-D")
         torch._check(weight.dim() == dims + 2, lambda: f"weight must be {dims + 2}-D, got {weight.dim()}-D")
@@ -66,7 +66,7 @@ def _layout(t: Tensor) -> torch.memory_format:
 
 
 def _partial_conv_backward_fake(grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
-                                dilation, groups, multi_channel, output_mask):
+                                dilation, groups, multi_channel, output_mask, mask_groups=None):
     _check_devices("_partial_conv_backward", masked_input, grad_output=grad_output, mask=mask, weight=weight,
                    ratio=ratio, updated_mask=updated_mask)
     input = masked_input
@@ -76,7 +76,7 @@ def _partial_conv_backward_fake(grad_output, masked_input, mask, weight, ratio, 
     return grad_input, grad_weight, grad_bias
 
 
-def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channel):
+def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups=None):
     out_sizes = [_out_size(*a) for a in zip(mask.shape[2:], kernel_size, stride, padding, dilation)]
     dtype = mask.dtype if mask.dtype.is_floating_point else torch.float32
     shape = (mask.shape[0], 1, *out_sizes)
@@ -86,7 +86,8 @@ def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channe
 # --- autograd of PartialConv2dFunction (torch.func, forward-mode AD, torch.compile); the ops' own autograd is the
 # same backward in C++ (csrc/common/autograd.h), which eager calls record ------------------------------------------
 
-def save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, conv_args) -> None:
+def save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, conv_args,
+                      mask_groups=None) -> None:
     # The weight gradient needs the convolution's input: X*M as the forward formed it (the input for mask=None),
     # so the backward never rebuilds it. This keeps one input-sized tensor per layer alive until the backward.
     # Under autocast the op ran on cast copies: the backward takes the input and weight in the dtype it computed in
@@ -99,6 +100,7 @@ def save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, maske
     conv_input = as_computed(input) if mask is None else masked_input
     ctx.save_for_backward(conv_input, as_computed(mask), as_computed(weight), ratio, updated_mask)
     ctx.conv_args = conv_args  # (stride, padding, dilation, groups, multi_channel)
+    ctx.mask_groups = mask_groups  # the mask's channel groups (None: single- or multi-channel)
     ctx.has_bias = bias is not None
 
 
@@ -119,24 +121,27 @@ def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = 
         grad_input = grad_weight = grad_bias = None
     elif torch.is_grad_enabled():
         grad_input, grad_weight, grad_bias = _differentiable_grads(
-            grad_output, conv_input, mask, weight, ratio, updated_mask, ctx.conv_args, output_mask)
+            grad_output, conv_input, mask, weight, ratio, updated_mask, ctx.conv_args, output_mask, ctx.mask_groups)
     else:
         dims = conv_input.dim() - 2
         backward = getattr(torch.ops.pconv_cuda, f"_partial_conv{dims}d_backward").default
         grad_input, grad_weight, grad_bias = backward(grad_output, conv_input, mask, weight, ratio, updated_mask,
-                                                      *ctx.conv_args, output_mask)
+                                                      *ctx.conv_args, output_mask, ctx.mask_groups)
     if grad_masked_input is not None and mask is not None and output_mask[0]:
-        extra = _hole_select(grad_masked_input, mask)  # d(X*M)/dX = M, exactly 0 in holes
+        extra = _hole_select(grad_masked_input, mask, ctx.mask_groups)  # d(X*M)/dX = M, exactly 0 in holes
         grad_input = extra if grad_input is None else grad_input + extra
     return grad_input, grad_weight, grad_bias
 
 
-def _hole_select(t: Tensor, mask: Tensor) -> Tensor:
+def _hole_select(t: Tensor, mask: Tensor, mask_groups: Optional[Sequence[int]] = None) -> Tensor:
     m = mask.to(t.dtype)
+    if mask_groups is not None and 1 < m.shape[1] != t.shape[1]:  # G maps to one per channel
+        m = torch.cat([m[:, g:g + 1].expand(-1, c, *m.shape[2:]) for g, c in enumerate(mask_groups)], dim=1)
     return torch.where(m == 0, torch.zeros((), dtype=t.dtype, device=t.device), t * m)
 
 
-def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_mask, conv_args, output_mask):
+def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_mask, conv_args, output_mask,
+                          mask_groups=None):
     """The fused backward written with differentiable ops: same maths, one more graph level."""
     stride, padding, dilation, groups, _ = conv_args
     acc = ratio.dtype  # float32 (float64 for float64): as the kernels accumulate
@@ -151,7 +156,7 @@ def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_
             groups,
             [output_mask[0], output_mask[1], False])
         if grad_input is not None and mask is not None:
-            grad_input = _hole_select(grad_input, mask)
+            grad_input = _hole_select(grad_input, mask, mask_groups)
     return grad_input, grad_weight, grad_bias
 
 

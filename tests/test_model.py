@@ -374,3 +374,88 @@ def test_a_few_training_steps_reduce_the_loss():
         opt.step()
         history.append(loss.item())
     assert sum(history[-3:]) / 3 < 0.5 * sum(history[:3]) / 3, history
+
+
+class _MaterialisedPartialConv2d(pconv_cuda.PartialConv2d):
+    """The fused layer without mask_groups in its forward: the network hands it concatenated C-channel masks."""
+
+    def forward(self, input, mask_in=None):  # type: ignore[override]
+        return super().forward(input, mask_in)
+
+
+@pytest.mark.skipif(FUSED_IS_REFERENCE, reason="the extension is not built")
+@pytest.mark.parametrize("image_mask", ["one_map", "expanded", "per_channel"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_grouped_network_equals_materialised_masks(image_mask, train):
+    # The decoder passes its skip link's maps as mask_groups and the first layer the image mask as one group: the
+    # outputs, the returned mask and every gradient equal those of the network on concatenated C-channel masks,
+    # bitwise on the CPU (binary masks: every S is an exact integer sum; the convolutions read the same X*M).
+    torch.manual_seed(0)
+    grouped = PConvUNet(4, base_channels=8)
+    materialised = PConvUNet(4, base_channels=8, pconv=_MaterialisedPartialConv2d)
+    materialised.load_state_dict(grouped.state_dict())
+    assert all(b.grouped for b in [*grouped.encoder, *grouped.decoder])
+    assert not any(b.grouped for b in [*materialised.encoder, *materialised.decoder])
+    x = torch.rand(2, 3, 32, 32)
+    m = _masks(2, 32, 0.2, 0.5, seed=3)
+    if image_mask == "expanded":
+        m = m.expand(2, 3, 32, 32)
+    elif image_mask == "per_channel":
+        m = m.repeat(1, 3, 1, 1)
+        m[:, 1, :8, :8] = 0  # the channels differ
+    # Every layer's mask argument: the grouped network's masks have <= 4 maps, never C_in channels.
+    seen = []
+    hooks = [b.conv.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(args[1].shape[1]),
+                                              with_kwargs=True) for b in grouped.decoder]
+    results = []
+    for model in (grouped, materialised):
+        model.train(train)
+        out, out_mask = model(x, m)
+        loss = (out - x).abs().mean() + out.pow(2).mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((out, out_mask, grads))
+    for h in hooks:
+        h.remove()
+    assert max(seen) <= (4 if image_mask == "per_channel" else 2), seen
+    (out, out_mask, grads), (out_e, out_mask_e, grads_e) = results
+    assert out_mask.shape == out_mask_e.shape == (2, 3, 32, 32)
+    assert torch.equal(out, out_e)
+    assert torch.equal(out_mask, out_mask_e)
+    for (name, _), g, e in zip(grouped.named_parameters(), grads, grads_e):
+        assert torch.equal(g, e), name
+
+
+@pytest.mark.skipif(FUSED_IS_REFERENCE, reason="the extension is not built")
+def test_grouped_network_keeps_no_channel_masks():
+    # What autograd keeps for the backward: the grouped network saves each layer's G maps, the materialised one its
+    # C-channel masks too; the grouped network keeps less, by at least those masks' bytes.
+    torch.manual_seed(0)
+    grouped = PConvUNet(4, base_channels=8)
+    materialised = PConvUNet(4, base_channels=8, pconv=_MaterialisedPartialConv2d)
+    materialised.load_state_dict(grouped.state_dict())
+    x, m = torch.rand(1, 3, 64, 64), _masks(1, 64, 0.2, 0.5)
+
+    def kept(model):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, m)
+        return sum(storages.values())
+
+    # The masks the decoder layers get: C_in channels (materialised) or 2 maps (grouped).
+    mask_bytes = {}
+    for name, model in (("grouped", grouped), ("materialised", materialised)):
+        mask_bytes[name] = []
+        for b in model.decoder:
+            b.conv.register_forward_pre_hook(
+                lambda mod, args, out=mask_bytes[name]: out.append(args[1].numel() * args[1].element_size()))
+    saved = kept(materialised) - kept(grouped)
+    assert [c // 4 for c in mask_bytes["materialised"]] == [
+        b.conv.in_channels * c // 8 for b, c in zip(grouped.decoder, mask_bytes["grouped"])]  # 2 maps vs C_in
+    assert saved >= sum(mask_bytes["materialised"]) - sum(mask_bytes["grouped"]) > 0

@@ -61,6 +61,53 @@ void fill_output_size(const char* op, Geometry& g, at::IntArrayRef sizes, at::In
               " and dilation ", Parenthesised{dilation}, ": the output would be ", Parenthesised{out});
 }
 
+// The mask's groups, checked against C_in: mask_groups (positive, summing to C_in, one per map of the mask, only with
+// multi_channel=True), or the single- or multi-channel mask it stands for. A multi-channel mask that is one map
+// expanded over its channels (stride 0) is one group: its map is read once, not C_in times, and not copied.
+MaskGroups check_mask_groups(const char* op, const at::Tensor* mask, int64_t C_in, bool multi_channel,
+                             at::OptionalIntArrayRef mask_groups) {
+  MaskGroups mg;
+  mg.weighted = multi_channel;
+  if (mask_groups.has_value()) {
+    const at::IntArrayRef sizes = *mask_groups;
+    TORCH_CHECK(multi_channel, op, ": mask_groups=", sizes, " describes a multi-channel mask by channel groups; "
+                "pass multi_channel=True with it");
+    TORCH_CHECK(!sizes.empty(), op, ": mask_groups must name at least one group, got []");
+    int64_t total = 0;
+    for (const int64_t c : sizes) {
+      TORCH_CHECK(c >= 1, op, ": mask_groups must be positive channel counts (each map covers >= 1 input "
+                  "channel), got ", sizes);
+      total += c;
+    }
+    TORCH_CHECK(total == C_in, op, ": mask_groups=", sizes, " must sum to the input channels C_in=", C_in,
+                ", got ", total);
+    if (mask != nullptr) {
+      TORCH_CHECK(mask->size(1) == static_cast<int64_t>(sizes.size()), op, ": mask_groups=", sizes, " names ",
+                  sizes.size(), " group(s), so the mask must have one map per group (", sizes.size(),
+                  " channels), got ", mask->size(1), " channels");
+    }
+    mg.sizes = sizes.vec();
+    return mg;
+  }
+  if (mask == nullptr) return mg;
+  const int64_t want_c = multi_channel ? C_in : 1;
+  TORCH_CHECK(mask->size(1) == want_c, op, ": ",
+              multi_channel ? "multi_channel=True expects a mask with one channel per input channel (C_in="
+                            : "multi_channel=False expects a single-channel mask (",
+              want_c, multi_channel ? ")" : " channel)", ", got ", mask->size(1), " channels",
+              multi_channel ? "; or pass mask_groups for a mask of channel groups"
+                            : "; pass multi_channel=True for a per-channel mask");
+  if (!multi_channel) {
+    mg.sizes = {C_in};
+  } else if (C_in > 1 && mask->stride(1) == 0) {
+    mg.sizes = {C_in};
+    mg.expanded = true;
+  } else {
+    mg.sizes.assign(C_in, 1);
+  }
+  return mg;
+}
+
 }  // namespace
 
 std::vector<int64_t> input_spatial_sizes(const Geometry& g) {
@@ -90,7 +137,8 @@ at::ScalarType ratio_dtype(at::ScalarType input_dtype) {
 Geometry check_conv_args(const char* op, int64_t dims, const at::Tensor& input,
                          const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups, bool multi_channel) {
+                         at::IntArrayRef dilation, int64_t groups, bool multi_channel,
+                         at::OptionalIntArrayRef mask_groups, MaskGroups* mask_groups_out) {
   TORCH_CHECK(input.dim() == dims + 2, op, ": input must be a ", dims + 2, "-D tensor (N, C_in, ",
               spatial_letters(dims), "), got shape ", input.sizes());
   TORCH_CHECK(is_supported_float(input.scalar_type()), op,
@@ -140,7 +188,8 @@ Geometry check_conv_args(const char* op, int64_t dims, const at::Tensor& input,
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.dim() == dims + 2, op, ": mask must be a ", dims + 2, "-D tensor (N or 1, ",
-                multi_channel ? "C_in" : "1", ", ", spatial_letters(dims), "), got shape ", m.sizes());
+                mask_groups.has_value() ? "G" : multi_channel ? "C_in" : "1", ", ", spatial_letters(dims),
+                "), got shape ", m.sizes());
     TORCH_CHECK(m.device() == input.device(), op, ": mask is on ", m.device(), " but input is on ", input.device());
     TORCH_CHECK(m.scalar_type() == input.scalar_type() || m.scalar_type() == at::kBool ||
                     m.scalar_type() == at::kByte,
@@ -148,19 +197,17 @@ Geometry check_conv_args(const char* op, int64_t dims, const at::Tensor& input,
                 m.scalar_type());
     TORCH_CHECK(m.size(0) == g.N || m.size(0) == 1, op, ": mask batch size ", m.size(0),
                 " must be 1 or the input's batch size ", g.N);
-    const int64_t want_c = multi_channel ? g.C_in : 1;
-    TORCH_CHECK(m.size(1) == want_c, op, ": ",
-                multi_channel ? "multi_channel=True expects a mask with one channel per input channel (C_in="
-                              : "multi_channel=False expects a single-channel mask (",
-                want_c, multi_channel ? ")" : " channel)", ", got ", m.size(1), " channels",
-                multi_channel ? "" : "; pass multi_channel=True for a per-channel mask");
+    const MaskGroups mg = check_mask_groups(op, &m, g.C_in, multi_channel, mask_groups);
     TORCH_CHECK(m.sizes().slice(2) == sizes, op, ": mask spatial size ", Parenthesised{m.sizes().slice(2)},
                 " must equal the input's ", Parenthesised{sizes});
     g.mask_batch = m.size(0);
-    g.mask_channels = m.size(1);
+    g.mask_channels = mg.count();
+    if (mask_groups_out != nullptr) *mask_groups_out = mg;
   } else {
+    check_mask_groups(op, nullptr, g.C_in, multi_channel, mask_groups);
     g.mask_batch = 1;
     g.mask_channels = 0;
+    if (mask_groups_out != nullptr) *mask_groups_out = MaskGroups{};
   }
   fill_output_size(op, g, sizes, kernel, padding, dilation);
   return g;
@@ -192,7 +239,8 @@ void check_backward_args(const char* op, const at::Tensor& grad_output, const at
 }
 
 Geometry check_mask_update_args(const at::Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
+                                at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel,
+                                at::OptionalIntArrayRef mask_groups, MaskGroups* mask_groups_out) {
   const char* op = "pconv_cuda::mask_update";
   TORCH_CHECK(mask.dim() == 4 || mask.dim() == 5, op,
               ": mask must be a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) tensor, got shape ", mask.sizes());
@@ -200,9 +248,17 @@ Geometry check_mask_update_args(const at::Tensor& mask, at::IntArrayRef kernel_s
   TORCH_CHECK(is_supported_float(mask.scalar_type()) || mask.scalar_type() == at::kBool ||
                   mask.scalar_type() == at::kByte,
               op, ": mask must be a floating, bool or uint8 tensor, got ", mask.scalar_type());
-  TORCH_CHECK(multi_channel || mask.size(1) == 1, op,
+  TORCH_CHECK(multi_channel || mask_groups.has_value() || mask.size(1) == 1, op,
               ": multi_channel=False expects a single-channel mask, got ", mask.size(1),
               " channels; pass multi_channel=True for a per-channel mask");
+  // The channels the mask stands for: its own, or those its groups cover.
+  int64_t channels = mask.size(1);
+  if (mask_groups.has_value()) {
+    channels = 0;
+    for (const int64_t c : *mask_groups) channels += c;
+  }
+  const MaskGroups mg = check_mask_groups(op, &mask, channels, multi_channel, mask_groups);
+  if (mask_groups_out != nullptr) *mask_groups_out = mg;
   check_spatial(op, "kernel_size", kernel_size, dims, 1);
   check_spatial(op, "stride", stride, dims, 1);
   check_spatial(op, "padding", padding, dims, 0);
@@ -210,12 +266,12 @@ Geometry check_mask_update_args(const at::Tensor& mask, at::IntArrayRef kernel_s
   const at::IntArrayRef sizes = mask.sizes().slice(2);
   Geometry g{};
   g.N = mask.size(0);
-  g.C_in = mask.size(1);
+  g.C_in = channels;
   g.C_out = 1;
   g.groups = 1;
   g.multi_channel = multi_channel;
   g.mask_batch = g.N;
-  g.mask_channels = g.C_in;
+  g.mask_channels = mg.count();
   fill_spatial(g, dims, sizes, kernel_size, stride, padding, dilation);
   fill_output_size(op, g, sizes, kernel_size, padding, dilation);
   return g;

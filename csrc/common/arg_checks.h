@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
+#include <c10/util/OptionalArrayRef.h>
 
 #include <vector>
 
@@ -11,17 +12,33 @@
 
 namespace pconv {
 
+// The mask's maps as groups of input channels: one general form of the three masks (docs/architecture.md, "The
+// maths"). Single-channel: one map covering every channel, counted once in S. Multi-channel: one map per channel.
+// Grouped (mask_groups): map g covers sizes[g] consecutive channels and counts sizes[g] times in S, exactly as the
+// expanded multi-channel mask would.
+struct MaskGroups {
+  std::vector<int64_t> sizes;  // input channels of each map (G entries summing to C_in); empty for mask=None
+  bool weighted = false;       // map g counts sizes[g] times in S (multi-channel semantics), else once
+  bool expanded = false;       // the mask argument repeats one map over C_in channels (stride 0): read channel 0
+  int64_t count() const { return static_cast<int64_t>(sizes.size()); }
+  // The mask the passes read: the one map of an expanded view (a view, no copy), else the mask itself.
+  at::Tensor maps(const at::Tensor& mask) const { return expanded ? mask.narrow(1, 0, 1) : mask; }
+};
+
 // partial_conv{2,3}d / _partial_conv{2,3}d_backward arguments for `dims` (2 or 3) spatial dimensions. `op` names
-// the op in error messages.
+// the op in error messages. *mask_groups_out (when given) receives the mask's groups.
 Geometry check_conv_args(const char* op, int64_t dims, const at::Tensor& input,
                          const c10::optional<at::Tensor>& mask, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups, bool multi_channel);
+                         at::IntArrayRef dilation, int64_t groups, bool multi_channel,
+                         at::OptionalIntArrayRef mask_groups = c10::nullopt, MaskGroups* mask_groups_out = nullptr);
 
-// mask_update arguments: the mask is (N, C, H, W) or (N, C, D, H, W) and plays the role of the input for the
-// geometry.
+// mask_update arguments: the mask is (N, G, H, W) or (N, G, D, H, W) and plays the role of the input for the
+// geometry (C_in = G, or the sum of mask_groups).
 Geometry check_mask_update_args(const at::Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel);
+                                at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel,
+                                at::OptionalIntArrayRef mask_groups = c10::nullopt,
+                                MaskGroups* mask_groups_out = nullptr);
 
 // _partial_conv{2,3}d_backward's tensors besides those check_conv_args covers.
 void check_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& ratio,

@@ -25,15 +25,35 @@ namespace pconv {
 
 using ConvSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,
-    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool);
+    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, at::OptionalIntArrayRef);
 using ConvBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, std::array<bool, 3>);
+    const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, std::array<bool, 3>,
+    at::OptionalIntArrayRef);
 
-// grad in holes exactly 0 (a select, so NaN/inf in grad never leaks), grad * M elsewhere.
-inline at::Tensor hole_select(const at::Tensor& t, const at::Tensor& mask) {
-  const at::Tensor m = mask.to(t.scalar_type());
+// grad in holes exactly 0 (a select, so NaN/inf in grad never leaks), grad * M elsewhere. A grouped mask
+// (mask_groups: G maps, 1 < G < C) is first repeated to one map per channel (create_graph and double backward only).
+inline at::Tensor hole_select(const at::Tensor& t, const at::Tensor& mask, at::OptionalIntArrayRef mask_groups) {
+  at::Tensor m = mask.to(t.scalar_type());
+  if (mask_groups.has_value() && m.size(1) > 1 && m.size(1) != t.size(1)) {
+    // Views concatenated (no index tensor: this runs under fake tensors too, in torch.compile's backward).
+    std::vector<at::Tensor> parts;
+    std::vector<int64_t> shape = m.sizes().vec();
+    for (int64_t g = 0; g < m.size(1); ++g) {
+      shape[1] = (*mask_groups)[g];
+      parts.push_back(m.narrow(1, g, 1).expand(shape));
+    }
+    m = at::cat(parts, 1);
+  }
   return at::where(m == 0, at::zeros({}, t.options()), t * m);
+}
+
+inline c10::IValue optional_ints(at::OptionalIntArrayRef v) {
+  return v.has_value() ? c10::IValue(v->vec()) : c10::IValue();
+}
+
+inline std::optional<std::vector<int64_t>> optional_ints(const c10::IValue& v) {
+  return v.isNone() ? std::nullopt : std::optional<std::vector<int64_t>>(v.toIntVector());
 }
 
 template <class Sig>
@@ -58,10 +78,10 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
                                                 const std::optional<at::Tensor>& mask, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                                bool multi_channel) {
+                                                bool multi_channel, at::OptionalIntArrayRef mask_groups) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [output, updated_mask, ratio, masked_input] =
-        forward_op().call(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+        forward_op().call(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups);
     const bool has_mask = mask.has_value() && mask->defined();
     const bool has_bias = bias.has_value() && bias->defined();
     // The weight gradient needs the convolution's input: X*M as the forward formed it (the input itself for
@@ -74,6 +94,7 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["multi_channel"] = multi_channel;
+    ctx->saved_data["mask_groups"] = optional_ints(mask_groups);
     ctx->mark_non_differentiable({updated_mask, ratio});
     ctx->set_materialize_grads(false);
     return {output, updated_mask, ratio, masked_input};
@@ -89,13 +110,16 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
     const bool need_input = ctx->needs_input_grad(0);
     const bool need_weight = ctx->needs_input_grad(weight_edge);
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(weight_edge + 1);
-    torch::autograd::variable_list result(9);  // one per forward argument: input, mask, weight, bias, ...
+    torch::autograd::variable_list result(10);  // one per forward argument: input, mask, weight, bias, ...
     if (!need_input && !need_weight && !need_bias) return result;
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
     const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const bool multi_channel = ctx->saved_data["multi_channel"].toBool();
+    const std::optional<std::vector<int64_t>> mask_groups = optional_ints(ctx->saved_data["mask_groups"]);
+    const at::OptionalIntArrayRef mask_groups_ref =
+        mask_groups ? at::OptionalIntArrayRef(*mask_groups) : at::OptionalIntArrayRef();
     const at::Tensor& grad_output = grads[0];
     const at::Tensor& grad_masked_input = grads[3];
 
@@ -104,16 +128,16 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
       if (at::GradMode::is_enabled()) {  // create_graph: differentiable ops, same maths
         std::tie(grad_input, grad_weight, grad_bias) =
             differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_mask, stride, padding,
-                                 dilation, groups, {need_input, need_weight, need_bias});
+                                 dilation, groups, {need_input, need_weight, need_bias}, mask_groups_ref);
       } else {
         const std::optional<at::Tensor> m = mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
         std::tie(grad_input, grad_weight, grad_bias) =
             backward_op().call(grad_output, conv_input, m, weight, ratio, updated_mask, stride, padding, dilation,
-                               groups, multi_channel, {need_input, need_weight, need_bias});
+                               groups, multi_channel, {need_input, need_weight, need_bias}, mask_groups_ref);
       }
     }
     if (grad_masked_input.defined() && mask.defined() && need_input) {
-      const at::Tensor extra = hole_select(grad_masked_input, mask);
+      const at::Tensor extra = hole_select(grad_masked_input, mask, mask_groups_ref);
       grad_input = grad_input.defined() ? grad_input + extra : extra;
     }
     result[0] = grad_input;  // each defined only where asked for
@@ -125,7 +149,7 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_grads(
       const at::Tensor& grad_output, const at::Tensor& conv_input, const at::Tensor& mask, const at::Tensor& weight,
       const at::Tensor& ratio, const at::Tensor& updated_mask, at::IntArrayRef stride, at::IntArrayRef padding,
-      at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> need) {
+      at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> need, at::OptionalIntArrayRef mask_groups) {
     const at::ScalarType acc = ratio.scalar_type();  // float32 (float64 for float64): as the kernels accumulate
     const at::Tensor g = (grad_output.to(acc) * ratio).to(grad_output.scalar_type());
     at::Tensor grad_input, grad_weight, grad_bias;
@@ -140,7 +164,7 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
                                             {need[0], need[1], false});
       grad_input = std::get<0>(grads);
       grad_weight = std::get<1>(grads);
-      if (grad_input.defined() && mask.defined()) grad_input = hole_select(grad_input, mask);
+      if (grad_input.defined() && mask.defined()) grad_input = hole_select(grad_input, mask, mask_groups);
     }
     return {grad_input, grad_weight, grad_bias};
   }
@@ -149,7 +173,7 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel(
       const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-      at::IntArrayRef dilation, int64_t groups, bool multi_channel) {
+      at::IntArrayRef dilation, int64_t groups, bool multi_channel, at::OptionalIntArrayRef mask_groups) {
     const auto dual = [](const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); };
     TORCH_CHECK(!dual(input) && !dual(weight) && !(bias && dual(*bias)), Lib::ns, "::partial_conv", Dims,
                 "d: forward-mode AD (jvp) is not implemented; reverse mode and torch.func's vjp/grad/vmap are");
@@ -157,10 +181,11 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
                         (input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()));
     if (!record) {  // nothing to record: the op itself, without the Function's bookkeeping (~1.5 us a call)
       at::AutoDispatchBelowADInplaceOrView below;
-      return forward_op().call(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+      return forward_op().call(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
+                               mask_groups);
     }
     auto out = PartialConvFunction::apply(input, mask, weight, bias, stride, padding, dilation, groups,
-                                          multi_channel);
+                                          multi_channel, mask_groups);
     return {out[0], out[1], out[2], out[3]};
   }
 };

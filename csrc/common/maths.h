@@ -31,7 +31,7 @@ struct Geometry {
   int64_t C_out;          // weight.size(0)
   int64_t Ho, Wo;         // output spatial size
   int64_t mask_batch;     // 1 or N (1 also for mask=None)
-  int64_t mask_channels;  // 1, C_in (multi-channel), or 0 for mask=None
+  int64_t mask_channels;  // G, the mask's maps: 1, C_in (multi-channel), a group count between, or 0 for mask=None
   int64_t groups;
   bool multi_channel;
   Window win;
@@ -39,9 +39,37 @@ struct Geometry {
   int64_t spatial_dims = 2;  // 2 or 3: the tensors' dim() - 2
   C10_HOST_DEVICE int64_t pixels() const { return D * H * W; }
   C10_HOST_DEVICE int64_t out_pixels() const { return Do * Ho * Wo; }
-  // sum(1) over a window: kd*kh*kw, times C_in for a multi-channel mask.
+  // sum(1) over a window: kd*kh*kw, times C_in for a multi-channel (or grouped) mask.
   C10_HOST_DEVICE double window_size() const {
     return static_cast<double>(win.kd * win.kh * win.kw * (multi_channel ? C_in : 1));
+  }
+};
+
+// Which of a mask's G maps each of the C input channels uses, and how often a map counts in S, in the form a
+// kernel takes by value (docs/architecture.md, "The maths"). G = 1: one map for every channel; G = C: one map per
+// channel (multi-channel); 1 < G < C: map g covers the channels [end[g-1], end[g]) (at most kMaxMaskGroups maps:
+// the CUDA primitives expand a mask with more to one map per channel first). `weighted`: map g counts once per
+// channel it covers (the expanded multi-channel mask's S); otherwise once (the single-channel mask, G = 1).
+constexpr int kMaxMaskGroups = 16;
+struct ChannelGroups {
+  int64_t channels = 1;  // C: the input's channels
+  int64_t count = 1;     // G: the mask's maps
+  bool weighted = false;
+  int32_t end[kMaxMaskGroups] = {};  // groups only (1 < G < C)
+  C10_HOST_DEVICE bool grouped() const { return count > 1 && count < channels; }
+  // The map of channel c: a scan of at most kMaxMaskGroups ends (the same for a warp's channel row).
+  C10_HOST_DEVICE int64_t map_of(int64_t c) const {
+    if (count == 1) return 0;
+    if (count == channels) return c;
+    int64_t g = 0;
+    while (g + 1 < count && c >= end[g]) ++g;
+    return g;
+  }
+  // How many times map g counts in S.
+  C10_HOST_DEVICE int64_t weight(int64_t g) const {
+    if (!weighted || count == channels) return 1;
+    if (count == 1) return channels;
+    return end[g] - (g == 0 ? 0 : end[g - 1]);
   }
 };
 

@@ -4,9 +4,10 @@
 // CudaPrimitives<Launch> in cuda/cuda_primitives.h, which the SIMT emulation also instantiates):
 //
 //   static constexpr const char* device_type;            "cpu" or "cuda": route variable and override
-//   bool mask_pass(mask, x, xm, plane)                    xm = X*M (holes exact) when x is defined; plane[n] =
-//                                                         sum of mask[n] over channels (acc dtype, NaN where a
-//                                                         value is outside [0, 1]) when plane is defined; false
+//   bool mask_pass(mask, x, xm, plane, groups)            xm = X*M (holes exact; channel c uses the mask's map
+//                                                         groups.map_of(c)) when x is defined; plane[n] = sum over
+//                                                         the maps of weight(g) * mask[n, g] (acc dtype, NaN where
+//                                                         a value is outside [0, 1]) when plane is defined; false
 //                                                         if a bad value was seen and the backend can report it
 //   void ratio_update(plane, g, ratio, updated_mask, scale)   S by window sums of the plane (or closed form when
 //                                                         plane is undefined: mask=None), then ratio and U; also
@@ -15,7 +16,7 @@
 //   void grad_output(dy, gy, db, ratio, updated_mask, g)  gy = dY * ratio; db = sum dY * U when db is defined
 //   bool gemm_supported(g, conv_in)                       whether the gemm route can run this call
 //   Tensor gemm_conv(conv_in, weight, bias, ratio, updated_mask, g)   the gemm route's finished output
-//   bool gemm_backward(gy, conv_in, mask, weight, g, dx*, dw*)   the forced gemm route's backward: dX (holes
+//   bool gemm_backward(gy, conv_in, mask, groups, weight, g, dx*, dw*)   the forced gemm route's backward: dX (holes
 //                                                         zeroed) and dW from G and X*M; false where it has none
 //   bool fused_supported(g, input, has_bias)              whether the cudnn_fused route can run this call (CUDA:
 //                                                         its cuDNN plan is built, or found cached)
@@ -155,10 +156,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
                                                         const c10::optional<Tensor>& mask, const Tensor& weight,
                                                         const c10::optional<Tensor>& bias, at::IntArrayRef stride,
                                                         at::IntArrayRef padding, at::IntArrayRef dilation,
-                                                        int64_t groups, bool multi_channel) {
+                                                        int64_t groups, bool multi_channel,
+                                                        at::OptionalIntArrayRef mask_groups) {
   const char* op = dims == 3 ? "pconv_cuda::partial_conv3d" : "pconv_cuda::partial_conv2d";
-  const Geometry g =
-      check_conv_args(op, dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+  MaskGroups mg;
+  const Geometry g = check_conv_args(op, dims, input, mask, weight, bias, stride, padding, dilation, groups,
+                                     multi_channel, mask_groups, &mg);
   const at::MemoryFormat fmt = layout_of(input);
   const Tensor x = input.contiguous(fmt);
   const std::vector<int64_t> map_sizes = output_map_sizes(g, g.mask_batch, 1);
@@ -174,7 +177,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
     // An empty batch still has a mask (batch 1) whose maps are returned: then only the plane is formed.
     const Tensor& swept = g.N > 0 ? x : Tensor();
     PCONV_PASS("pconv::mask_pass");
-    if (!prim.mask_pass(mask->contiguous(fmt), swept, xm, plane)) fail_invalid_mask(op, *mask);
+    if (!prim.mask_pass(mg.maps(*mask).contiguous(fmt), swept, xm, plane, mg)) fail_invalid_mask(op, *mask);
   }
   {
     PCONV_PASS("pconv::ratio_update");
@@ -215,10 +218,11 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
     Prim& prim, int64_t dims, const Tensor& grad_output, const Tensor& masked_input,
     const c10::optional<Tensor>& mask, const Tensor& weight, const Tensor& ratio, const Tensor& updated_mask,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, at::OptionalIntArrayRef mask_groups) {
   const char* op = dims == 3 ? "pconv_cuda::_partial_conv3d_backward" : "pconv_cuda::_partial_conv2d_backward";
+  MaskGroups mg;
   const Geometry g = check_conv_args(op, dims, masked_input, mask, weight, c10::nullopt, stride, padding, dilation,
-                                     groups, multi_channel);
+                                     groups, multi_channel, mask_groups, &mg);
   check_backward_args(op, grad_output, ratio, updated_mask, masked_input, g);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const at::MemoryFormat fmt = layout_of(masked_input);
@@ -234,9 +238,10 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
   if (need_input || need_weight) {
     const Tensor conv_in = masked_input.contiguous(fmt);
     // The gemm route, when forced, has its own backward where the backend has one (CUDA: tensor cores).
+    const Tensor maps = has(mask) ? mg.maps(*mask).contiguous(fmt) : Tensor();
     const bool gemm = forced_route(Prim::device_type) == Route::Gemm &&
-                      prim.gemm_backward(gy, conv_in, has(mask) ? mask->contiguous(fmt) : Tensor(), weight, g,
-                                         need_input ? &dx : nullptr, need_weight ? &dw : nullptr);
+                      prim.gemm_backward(gy, conv_in, maps, mg, weight, g, need_input ? &dx : nullptr,
+                                         need_weight ? &dw : nullptr);
     if (!gemm) {
       // grad_input does not read the convolution's input values; grad_weight reads X*M, kept by the forward.
       auto grads = at::convolution_backward(gy, conv_in, weight, c10::nullopt, stride, padding, dilation,
@@ -247,7 +252,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
         if (has(mask)) {  // dX = M * conv_transpose(G, W), zero in holes, in place
           Tensor no_plane;
           PCONV_PASS("pconv::mask_pass");
-          prim.mask_pass(mask->contiguous(fmt), dx, dx, no_plane);
+          prim.mask_pass(maps, dx, dx, no_plane, mg);
         }
       }
       if (need_weight) dw = std::get<1>(grads);
@@ -260,16 +265,19 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
 template <class Prim>
 std::tuple<Tensor, Tensor> mask_update(Prim& prim, const Tensor& mask, at::IntArrayRef kernel_size,
                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                       bool multi_channel) {
+                                       bool multi_channel, at::OptionalIntArrayRef mask_groups) {
   const char* op = "pconv_cuda::mask_update";
-  const Geometry g = check_mask_update_args(mask, kernel_size, stride, padding, dilation, multi_channel);
+  MaskGroups mg;
+  const Geometry g =
+      check_mask_update_args(mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups, &mg);
   const at::ScalarType update_dtype = mask_only_dtype(mask.scalar_type());
   const std::vector<int64_t> map_sizes = output_map_sizes(g, g.N, 1);
   Tensor ratio = at::empty(map_sizes, mask.options().dtype(ratio_dtype(update_dtype)));
   Tensor updated_mask = at::empty(map_sizes, mask.options().dtype(update_dtype));
   Tensor plane = at::empty(input_map_sizes(g, g.N), ratio.options());
   Tensor no_input, no_output, no_scale;
-  if (!prim.mask_pass(mask.contiguous(layout_of(mask)), no_input, no_output, plane)) fail_invalid_mask(op, mask);
+  const Tensor maps = mg.maps(mask);
+  if (!prim.mask_pass(maps.contiguous(layout_of(maps)), no_input, no_output, plane, mg)) fail_invalid_mask(op, mask);
   prim.ratio_update(plane, g, ratio, updated_mask, no_scale);
   return {ratio, updated_mask};
 }
@@ -282,9 +290,10 @@ struct OpEntries {
                                                          const Tensor& weight, const c10::optional<Tensor>& bias,
                                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                                          at::IntArrayRef dilation, int64_t groups,
-                                                         bool multi_channel) {
+                                                         bool multi_channel, at::OptionalIntArrayRef mask_groups) {
     return Backend::run(input, [&](auto& prim) {
-      return partial_conv(prim, Dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel);
+      return partial_conv(prim, Dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
+                          mask_groups);
     });
   }
 
@@ -293,17 +302,18 @@ struct OpEntries {
       const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask,
       const Tensor& weight, const Tensor& ratio, const Tensor& updated_mask, at::IntArrayRef stride,
       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
-      std::array<bool, 3> output_mask) {
+      std::array<bool, 3> output_mask, at::OptionalIntArrayRef mask_groups) {
     return Backend::run(masked_input, [&](auto& prim) {
       return partial_conv_backward(prim, Dims, grad_output, masked_input, mask, weight, ratio, updated_mask, stride,
-                                   padding, dilation, groups, multi_channel, output_mask);
+                                   padding, dilation, groups, multi_channel, output_mask, mask_groups);
     });
   }
 
   static std::tuple<Tensor, Tensor> update(const Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                           at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel) {
+                                           at::IntArrayRef padding, at::IntArrayRef dilation, bool multi_channel,
+                                           at::OptionalIntArrayRef mask_groups) {
     return Backend::run(mask, [&](auto& prim) {
-      return mask_update(prim, mask, kernel_size, stride, padding, dilation, multi_channel);
+      return mask_update(prim, mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups);
     });
   }
 };

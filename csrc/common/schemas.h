@@ -19,22 +19,25 @@ inline void define_ops(torch::Library& m) {
   // _partial_conv{2,3}d_backward (private): the gradients for input, weight and bias, those asked for by
   // output_mask. masked_input is the forward's masked_input (the input for mask=None); the mask zeroes grad_input
   // in holes.
+  // mask_groups (with multi_channel=True): the mask has G maps, map g covering mask_groups[g] consecutive input
+  // channels (summing to C_in), with exactly the semantics of that mask expanded to C_in channels.
   for (const std::string n : {"2", "3"}) {
     const std::string forward = "partial_conv" + n + "d(Tensor input, Tensor? mask, Tensor weight, Tensor? bias, int[" +
                                 n + "] stride, int[" + n + "] padding, int[" + n + "] dilation, int groups, bool "
-                                "multi_channel) -> (Tensor output, Tensor updated_mask, Tensor ratio, Tensor "
+                                "multi_channel, int[]? mask_groups=None) -> (Tensor output, Tensor updated_mask, Tensor ratio, Tensor "
                                 "masked_input)";
     const std::string backward = "_partial_conv" + n + "d_backward(Tensor grad_output, Tensor masked_input, Tensor? "
                                  "mask, Tensor weight, Tensor ratio, Tensor updated_mask, int[" + n + "] stride, "
                                  "int[" + n + "] padding, int[" + n + "] dilation, int groups, bool multi_channel, "
-                                 "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)";
+                                 "bool[3] output_mask, int[]? mask_groups=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)";
     m.def(forward.c_str());
     m.def(backward.c_str());
   }
-  // The mask path alone, 2-D or 3-D by the mask's dim(): (ratio, updated_mask), each (N, 1, [D',] H', W').
+  // The mask path alone, 2-D or 3-D by the mask's dim(): (ratio, updated_mask), each (N, 1, [D',] H', W'); with
+  // mask_groups, the mask's G maps stand for sum(mask_groups) channels.
   m.def(
       "mask_update(Tensor mask, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-      "bool multi_channel) -> (Tensor ratio, Tensor updated_mask)");
+      "bool multi_channel, int[]? mask_groups=None) -> (Tensor ratio, Tensor updated_mask)");
   // Route control (routes.h), for pconv_cuda.routes: no tensors, so each library keeps its own state.
   m.def("_set_route(str device_type, str route) -> ()", &set_route_override);
   m.def("_get_route(str device_type) -> str", &route_override);

@@ -77,12 +77,13 @@ inline void for_each_pixel(int64_t begin, int64_t end, int64_t HW, const F& f) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Mask pass: one read of M, and of X when `x` is given. For the first mask_batch images, plane[n] = the sum of
-// M[n] over its channels (in acc_t), with every value checked to lie in [0, 1]; and xm = X * M (M broadcast over
-// batch and channels) is written in the same sweep, so the masked input costs no extra pass over M.
+// Mask pass: one read of M, and of X when `x` is given. For the first mask_batch images, plane[n] = the sum over
+// the mask's maps of weight(g) * M[n, g] (MaskGroups: once, or once per channel the map covers), with every value
+// checked to lie in [0, 1]; and xm = X * M (M broadcast over batch, and channel c reading its group's map) is
+// written in the same sweep, so the masked input costs no extra pass over M.
 // Tensors are contiguous in `fmt` (NCHW or NHWC). Returns false if some mask value was outside [0, 1] or NaN.
 template <typename scalar_t, typename mask_t, typename acc_t>
-bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tensor* xm_t) {
+bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tensor* xm_t, const MaskGroups& groups) {
   const int64_t Nm = mask.size(0), Cm = mask.size(1), HW = plane_pixels(mask);
   const int64_t N = x_t ? x_t->size(0) : Nm;
   const int64_t C = x_t ? x_t->size(1) : Cm;
@@ -90,6 +91,14 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
   const mask_t* m = mask.const_data_ptr<mask_t>();
   const scalar_t* x = x_t ? x_t->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* xm = xm_t ? xm_t->mutable_data_ptr<scalar_t>() : nullptr;
+  // Map g covers the channels [first[g], first[g + 1]) and counts weight[g] times in the plane.
+  std::vector<int64_t> first(Cm + 1, 0);
+  std::vector<acc_t> weight(Cm);
+  for (int64_t gi = 0; gi < Cm; ++gi) {
+    const int64_t size = x_t ? groups.sizes[gi] : 1;
+    first[gi + 1] = first[gi] + size;
+    weight[gi] = static_cast<acc_t>(groups.weighted ? groups.sizes[gi] : 1);
+  }
   std::atomic<bool> invalid{false};
   // NCHW reads C rows per run of pixels: runs of >= 4096 pixels keep each row segment long enough to stream.
   const int64_t grain = nhwc ? grain_for(C) : std::max<int64_t>(4096, grain_for(C));
@@ -103,8 +112,17 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
         if (x) {
           const scalar_t* xi = x + i * C;
           scalar_t* oi = xm + i * C;
-          for (int64_t c = 0; c < C; ++c) {
-            oi[c] = static_cast<scalar_t>(masked(static_cast<acc_t>(xi[c]), static_cast<acc_t>(mi[Cm == 1 ? 0 : c])));
+          if (Cm == C || Cm == 1) {  // one map per channel, or one for all: the channel loop vectorises
+            for (int64_t c = 0; c < C; ++c) {
+              oi[c] = static_cast<scalar_t>(masked(static_cast<acc_t>(xi[c]), static_cast<acc_t>(mi[Cm == 1 ? 0 : c])));
+            }
+          } else {
+            for (int64_t gi = 0; gi < Cm; ++gi) {
+              const acc_t mv = static_cast<acc_t>(mi[gi]);
+              for (int64_t c = first[gi]; c < first[gi + 1]; ++c) {
+                oi[c] = static_cast<scalar_t>(masked(static_cast<acc_t>(xi[c]), mv));
+              }
+            }
           }
         }
         if (plane && n < Nm) {
@@ -112,33 +130,33 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
           for (int64_t c = 0; c < Cm; ++c) {  // mi is hot in cache from the multiply above
             const acc_t v = static_cast<acc_t>(mi[c]);
             bad |= unsigned(mask_value_invalid(v));
-            s += v;
+            s += weight[c] * v;
           }
           plane[n * HW + p] = s;
         }
       });
     } else {
-      // Per image, a run of pixels [p0, p1), channel-outer so every row is read contiguously.
+      // Per image, a run of pixels [p0, p1), map by map and channel-outer, so every row is read contiguously.
       for (int64_t i = begin; i < end;) {
         const int64_t n = i / HW, p0 = i % HW, p1 = std::min(HW, p0 + (end - i));
         const int64_t nm = Nm == 1 ? 0 : n;
         acc_t* pl = plane && n < Nm ? plane + n * HW : nullptr;
         if (pl) std::fill(pl + p0, pl + p1, acc_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const mask_t* mr = m + (nm * Cm + (Cm == 1 ? 0 : c)) * HW;
-          const bool accumulate = pl && (Cm > 1 || c == 0);
-          if (x) {
+        for (int64_t gi = 0; gi < Cm; ++gi) {
+          const mask_t* mr = m + (nm * Cm + gi) * HW;
+          for (int64_t c = first[gi]; x && c < first[gi + 1]; ++c) {
             const scalar_t* xr = x + (n * C + c) * HW;
             scalar_t* orow = xm + (n * C + c) * HW;
             for (int64_t p = p0; p < p1; ++p) {
               orow[p] = static_cast<scalar_t>(masked(static_cast<acc_t>(xr[p]), static_cast<acc_t>(mr[p])));
             }
           }
-          if (accumulate) {  // a second loop keeps both vectorisable; the row is in L1 by now
+          if (pl) {  // a second loop keeps both vectorisable; the row is in L1 by now
+            const acc_t w = weight[gi];
             for (int64_t p = p0; p < p1; ++p) {
               const acc_t v = static_cast<acc_t>(mr[p]);
               bad |= unsigned(mask_value_invalid(v));
-              pl[p] += v;
+              pl[p] += w * v;
             }
           }
         }
@@ -369,13 +387,13 @@ void im2col_kernel(const scalar_t* x, int64_t c0, int64_t Cg, const Geometry& g,
 struct CpuPrimitives {
   static constexpr const char* device_type = "cpu";
 
-  bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane) {
+  bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane, const MaskGroups& groups) {
     const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
     bool valid = true;
     dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
       using acc_t = acc_type_t<x_t>;
       valid = mask_pass_kernel<x_t, mask_t, acc_t>(mask, plane.defined() ? plane.mutable_data_ptr<acc_t>() : nullptr,
-                                                   x.defined() ? &x : nullptr, x.defined() ? &xm : nullptr);
+                                                   x.defined() ? &x : nullptr, x.defined() ? &xm : nullptr, groups);
     });
     return valid;
   }
@@ -432,7 +450,8 @@ struct CpuPrimitives {
   }
 
   // The backward always runs ATen's convolution backward on the CPU.
-  bool gemm_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Geometry&, Tensor*, Tensor*) {
+  bool gemm_backward(const Tensor&, const Tensor&, const Tensor&, const MaskGroups&, const Tensor&, const Geometry&,
+                     Tensor*, Tensor*) {
     return false;
   }
 

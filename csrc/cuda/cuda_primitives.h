@@ -32,18 +32,52 @@ inline void check_index_range(const char* what, int64_t n) {
               "do not support; split the batch");
 }
 
+// The kernels' form of a mask's groups over `channels` input channels (maths.h). A grouped mask of more maps than
+// ChannelGroups holds is first expanded to one map per channel (expand_groups).
+inline bool fits_kernels(const MaskGroups& mg, int64_t channels) {
+  return mg.count() <= 1 || mg.count() == channels || mg.count() <= kMaxMaskGroups;
+}
+
+inline ChannelGroups channel_groups(const MaskGroups& mg, int64_t channels) {
+  ChannelGroups cg;
+  cg.channels = channels;
+  cg.count = std::max<int64_t>(1, mg.count());
+  cg.weighted = mg.weighted;
+  if (cg.grouped()) {
+    int64_t end = 0;
+    for (int64_t g = 0; g < cg.count; ++g) cg.end[g] = static_cast<int32_t>(end += mg.sizes[g]);
+  }
+  return cg;
+}
+
+// A grouped mask as one map per channel (a copy; only past kMaxMaskGroups maps): the same X*M and S.
+inline Tensor expand_groups(const Tensor& mask, const MaskGroups& mg, MaskGroups* per_channel) {
+  std::vector<int64_t> index;
+  for (int64_t g = 0; g < mg.count(); ++g) index.insert(index.end(), mg.sizes[g], g);
+  per_channel->sizes.assign(index.size(), 1);
+  per_channel->weighted = true;
+  const Tensor idx = at::tensor(index, mask.options().dtype(at::kLong));
+  return mask.index_select(1, idx).contiguous(layout_of(mask));
+}
+
 template <class Launch>
 struct CudaPrimitives {
   static constexpr const char* device_type = "cuda";
   Launch& launch;
 
-  bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane) {
-    if (plane_pixels(mask) == 0) return true;  // no pixels: nothing to write, the plane is empty too
+  bool mask_pass(const Tensor& mask_maps, const Tensor& x, Tensor& xm, Tensor& plane, const MaskGroups& groups) {
+    if (plane_pixels(mask_maps) == 0) return true;  // no pixels: nothing to write, the plane is empty too
+    int64_t channels = 0;
+    for (const int64_t c : groups.sizes) channels += c;
+    MaskGroups expanded;
+    const bool expand = !fits_kernels(groups, channels);
+    const Tensor mask = expand ? expand_groups(mask_maps, groups, &expanded) : mask_maps;
+    const ChannelGroups cg = channel_groups(expand ? expanded : groups, channels);
     // An input with no elements (no channels) has no X*M to form; the plane is still the mask's.
     const bool sweep = x.defined() && x.numel() > 0;
     const bool nhwc = is_nhwc(x.defined() ? x : mask);
     const MaskPassShape s{sweep ? x.size(0) : mask.size(0), sweep ? x.size(1) : mask.size(1),
-                          plane_pixels(mask), mask.size(0), mask.size(1)};
+                          plane_pixels(mask), mask.size(0), mask.size(1), cg};
     check_index_range("pixels per image", s.HW);
     const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
     dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
@@ -78,7 +112,8 @@ struct CudaPrimitives {
         }
       }
       if (pp != nullptr) {
-        launch(plane_nhwc_kernel<mask_t, acc_t>, plane_nhwc_config(s.Nm * s.HW, s.Cm), mp, pp, s.Nm * s.HW, s.Cm);
+        launch(plane_nhwc_kernel<mask_t, acc_t>, plane_nhwc_config(s.Nm * s.HW, s.Cm), mp, pp, s.Nm * s.HW, s.Cm,
+               cg);
       }
     });
     return true;  // bad values cannot be reported without a host sync: they show as NaN (maths.h, plane_value)
@@ -268,8 +303,8 @@ struct CudaPrimitives {
   // The gemm route's backward on tensor cores: dX (M applied) and dW from G = dY * ratio and X*M (kernels.cuh,
   // mma_dgrad_kernel / mma_wgrad_kernel). False, leaving dx and dw alone, where it cannot run: a dtype or GPU
   // without tensor-core fragments (tensor_cores), channels_last, 3-D, or sizes past the kernels' index range.
-  bool gemm_backward(const Tensor& gy, const Tensor& conv_in, const Tensor& mask, const Tensor& weight,
-                     const Geometry& g, Tensor* dx, Tensor* dw) {
+  bool gemm_backward(const Tensor& gy, const Tensor& conv_in, const Tensor& mask_maps, const MaskGroups& groups,
+                     const Tensor& weight, const Geometry& g, Tensor* dx, Tensor* dw) {
     const int64_t Cg = g.C_in / g.groups, Cog = g.C_out / g.groups, taps = g.win.kh * g.win.kw;
     const bool nchw = layout_of(gy) == at::MemoryFormat::Contiguous && layout_of(conv_in) == at::MemoryFormat::Contiguous;
     if (g.spatial_dims != 2 || !nchw || !tensor_cores(gy.scalar_type())) return false;
@@ -284,14 +319,18 @@ struct CudaPrimitives {
                    FastDivmod(static_cast<uint32_t>(g.W)), FastDivmod(static_cast<uint32_t>(g.win.sh)),
                    FastDivmod(static_cast<uint32_t>(g.win.sw)), 0};
     if (dx != nullptr) {
+      MaskGroups expanded;
+      const bool expand = mask_maps.defined() && !fits_kernels(groups, g.C_in);
+      const Tensor mask = expand ? expand_groups(mask_maps, groups, &expanded) : mask_maps;
+      const ChannelGroups cg = channel_groups(expand ? expanded : groups, g.C_in);
       *dx = at::empty(conv_in.sizes(), conv_in.options());
       s.gemm.tiles_per_group = tiles_c;
       const at::ScalarType mask_dtype = mask.defined() ? mask.scalar_type() : gy.scalar_type();
       dispatch_input_and_mask(gy.scalar_type(), mask_dtype, [&]<typename x_t, typename mask_t>() {
         if constexpr (!std::is_same_v<x_t, double>) {
           launch(mma_dgrad_kernel<x_t, mask_t>, mma_dgrad_config(s), gy.const_data_ptr<x_t>(), w.const_data_ptr<x_t>(),
-                 ptr_or_null<mask_t>(mask), mask.defined() ? mask.size(0) : int64_t(1),
-                 mask.defined() ? mask.size(1) : int64_t(1), s, dx->mutable_data_ptr<x_t>());
+                 ptr_or_null<mask_t>(mask), mask.defined() ? mask.size(0) : int64_t(1), cg, s,
+                 dx->mutable_data_ptr<x_t>());
         }
       });
     }

@@ -59,19 +59,23 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& v) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Mask pass. NCHW: per image n and VEC pixels p: xm[n, c, p] = X*M for every channel (holes exact), and, for the
-// first Nm images, plane[n, p] = sum over the mask's channels (NaN for a value outside [0, 1]). With x == nullptr
-// only the plane is formed (mask_update). xm may alias x (the backward's in-place dX *= M).
-// The channels are spread over threadIdx.y and, for a single-channel mask, over blockIdx.z (channel groups), so a
-// small image with many channels (the U-Net's inner layers: 1024 channels of 4x4) is not one thread per pixel
-// looping over every channel. A multi-channel mask keeps its channels in one block (blockIdx.z == 0 only) and sums
-// the plane over threadIdx.y in shared memory, in a fixed order: deterministic, no atomics.
+// Mask pass. NCHW: per image n and VEC pixels p: xm[n, c, p] = X*M for every channel, channel c reading the mask's
+// map groups.map_of(c) (holes exact), and, for the first Nm images, plane[n, p] = sum over the maps of
+// groups.weight(g) * M[g] (NaN for a value outside [0, 1]). With x == nullptr only the plane is formed
+// (mask_update). xm may alias x (the backward's in-place dX *= M).
+// The channels are spread over threadIdx.y and, unless the plane sums one map per channel, over blockIdx.z (channel
+// slices), so a small image with many channels (the U-Net's inner layers: 1024 channels of 4x4) is not one thread
+// per pixel looping over every channel. A mask of one map per channel (multi-channel; or the maps themselves
+// without an input) keeps its channels in one block (blockIdx.z == 0 only) and sums the plane over threadIdx.y in
+// shared memory, in a fixed order: deterministic, no atomics. A grouped mask's plane is summed over its few maps by
+// the block's first thread row.
 struct MaskPassShape {
   int64_t N;   // images swept: the input's batch (Nm without an input)
-  int64_t C;   // the input's channels
+  int64_t C;   // the input's channels (the mask's without an input)
   int64_t HW;  // pixels per image
   int64_t Nm;  // the mask's batch: 1 (broadcast) or N
-  int64_t Cm;  // the mask's channels: 1 (broadcast) or C
+  int64_t Cm;  // the mask's maps: 1 (broadcast), C, or a group count between
+  ChannelGroups groups;
 };
 
 constexpr int kMaskPassUnroll = 4;  // channels whose loads a thread issues before their stores
@@ -87,8 +91,10 @@ __global__ void mask_pass_nchw_kernel(const scalar_t* x, const mask_t* __restric
   const int64_t channels = x != nullptr ? s.C : s.Cm;
   const int64_t c_begin = blockIdx.z * per_group;
   const int64_t c_end = c_begin + per_group < channels ? c_begin + per_group : channels;
-  // Uniform over the block: whether the plane's channel sum needs the shared-memory reduction.
-  const bool reduce = s.Cm > 1 && blockDim.y > 1;
+  // Uniform over the block: the channel loop walks the maps one by one (adding each to the plane), and whether
+  // that sum needs the shared-memory reduction.
+  const bool by_map = x == nullptr || s.Cm == s.C;
+  const bool reduce = by_map && s.Cm > 1 && blockDim.y > 1;
   for (int64_t n = blockIdx.y; n < s.N; n += gridDim.y) {
     const int64_t nm = s.Nm == 1 ? 0 : n;
     const bool want_plane = plane != nullptr && n < s.Nm && blockIdx.z == 0;  // uniform over the block
@@ -109,7 +115,8 @@ __global__ void mask_pass_nchw_kernel(const scalar_t* x, const mask_t* __restric
         for (int u = 0; u < kMaskPassUnroll; ++u) {
           const int64_t c = c0 + u * step;
           if (c >= c_end) break;
-          mu[u] = s.Cm > 1 ? load_pack<VEC>(mask + (nm * s.Cm + c) * s.HW + p) : m1;
+          const int64_t map = x != nullptr ? s.groups.map_of(c) : c;
+          mu[u] = s.Cm > 1 ? load_pack<VEC>(mask + (nm * s.Cm + map) * s.HW + p) : m1;
           if (x != nullptr) xu[u] = load_pack<VEC>(x + (n * s.C + c) * s.HW + p);
         }
 #pragma unroll
@@ -124,9 +131,17 @@ __global__ void mask_pass_nchw_kernel(const scalar_t* x, const mask_t* __restric
             }
             store_pack<VEC>(xm + (n * s.C + c) * s.HW + p, out);
           }
-          if (want_plane && (s.Cm > 1 || c == 0)) {
-            for (int v = 0; v < VEC; ++v) sum[v] += plane_value(static_cast<acc_t>(mu[u].v[v]));
+          if (want_plane && (by_map || (s.Cm == 1 && c == 0))) {
+            const acc_t w = static_cast<acc_t>(s.groups.weight(x != nullptr ? s.groups.map_of(c) : c));
+            for (int v = 0; v < VEC; ++v) sum[v] += w * plane_value(static_cast<acc_t>(mu[u].v[v]));
           }
+        }
+      }
+      if (want_plane && !by_map && s.Cm > 1 && threadIdx.y == 0) {  // grouped: the maps, read once more (cached)
+        for (int64_t map = 0; map < s.Cm; ++map) {
+          const Pack<mask_t, VEC> mg = load_pack<VEC>(mask + (nm * s.Cm + map) * s.HW + p);
+          const acc_t w = static_cast<acc_t>(s.groups.weight(map));
+          for (int v = 0; v < VEC; ++v) sum[v] += w * plane_value(static_cast<acc_t>(mg.v[v]));
         }
       }
     }
@@ -141,7 +156,7 @@ __global__ void mask_pass_nchw_kernel(const scalar_t* x, const mask_t* __restric
       }
       __syncthreads();  // red is reused by the next image
     }
-    if (threadIdx.y == 0 && active) {  // a single-channel mask's value sits with channel 0: threadIdx.y == 0
+    if (threadIdx.y == 0 && active) {  // a single map's value sits with channel 0, a grouped plane with row 0
       Pack<acc_t, VEC> out;
       for (int v = 0; v < VEC; ++v) out.v[v] = sum[v];
       store_pack<VEC>(plane + n * s.HW + p, out);
@@ -149,19 +164,21 @@ __global__ void mask_pass_nchw_kernel(const scalar_t* x, const mask_t* __restric
   }
 }
 
-// Threads: up to 64 pixel vectors in x (16 for a multi-channel mask's plane; 128 or 256 with 2 or 1 channels), the
-// rest of the 256 on channels in y; for a single-channel mask, channel groups in z until about kMaskPassBlocks
-// blocks are in flight (a multi-channel mask reduces within one block).
-// *per_group: the channels of one group (the kernel's last argument).
+// Threads: up to 64 pixel vectors in x (16 for a plane summed over one map per channel; 128 or 256 with 2 or 1
+// channels), the rest of the 256 on channels in y; unless the plane is summed map by map, channel slices in z until
+// about kMaskPassBlocks blocks are in flight (that sum reduces within one block).
+// *per_group: the channels of one slice (the kernel's last argument).
 constexpr int64_t kMaskPassBlocks = 1024;
 
 template <int VEC>
 inline LaunchConfig mask_pass_nchw_config(const MaskPassShape& s, bool with_input, bool with_plane,
                                           int64_t* per_group) {
   const int64_t vectors = ceil_div(s.HW, VEC), channels = with_input ? s.C : s.Cm;
-  // At least 4 channel rows when there are 4 channels; 16 for a multi-channel mask's plane, whose channels stay in
-  // one block (a 16x16 image of 1024 channels: 64 channels a thread instead of 256).
-  const unsigned ch_rows = with_plane && s.Cm > 1 ? 16 : 4;
+  // The plane summed map by map across the block's channel rows (one map per channel, or the maps alone).
+  const bool map_sum = with_plane && s.Cm > 1 && (!with_input || s.Cm == s.C);
+  // At least 4 channel rows when there are 4 channels; 16 for such a plane, whose channels stay in one block (a
+  // 16x16 image of 1024 channels: 64 channels a thread instead of 256).
+  const unsigned ch_rows = map_sum ? 16 : 4;
   unsigned px = 1, ch = 1, ch_min = 1;
   while (ch_min < ch_rows && ch_min < channels) ch_min *= 2;
   while (px < kThreads / ch_min && px < vectors) px *= 2;
@@ -169,14 +186,14 @@ inline LaunchConfig mask_pass_nchw_config(const MaskPassShape& s, bool with_inpu
   const int64_t pixel_blocks = ceil_div(vectors, px);
   const int64_t images = grid_y(s.N);
   int64_t groups = 1;
-  if (s.Cm == 1 && channels > ch && pixel_blocks > 0) {
+  if (!map_sum && channels > ch && pixel_blocks > 0) {
     const int64_t max_groups = ceil_div(channels, ch);
     groups = ceil_div(kMaskPassBlocks, pixel_blocks * images);
     groups = groups < max_groups ? groups : max_groups;
     groups = groups < kMaxGridY ? groups : kMaxGridY;
     groups = groups > 1 ? groups : 1;
   }
-  const bool barriers = with_plane && s.Cm > 1 && ch > 1;
+  const bool barriers = map_sum && ch > 1;
   *per_group = ceil_div(channels, groups);
   return {dim3(static_cast<unsigned>(pixel_blocks), static_cast<unsigned>(images), static_cast<unsigned>(groups)),
           dim3(px, ch), 0, barriers};
@@ -223,8 +240,10 @@ __global__ void mask_pass_nhwc_kernel(const scalar_t* x, const mask_t* __restric
     Pack<mask_t, VEC> m;
     if (s.Cm == 1) {
       for (int v = 0; v < VEC; ++v) m.v[v] = mask[mq];
-    } else {
+    } else if (s.Cm == s.C) {
       m = load_pack<VEC>(mask + mq * s.Cm + c);
+    } else {  // grouped: each channel's map
+      for (int v = 0; v < VEC; ++v) m.v[v] = mask[mq * s.Cm + s.groups.map_of(c + v)];
     }
     const Pack<scalar_t, VEC> xv = load_pack<VEC>(x + q * s.C + c);
     Pack<scalar_t, VEC> out;
@@ -235,17 +254,20 @@ __global__ void mask_pass_nhwc_kernel(const scalar_t* x, const mask_t* __restric
   }
 }
 
-// NHWC plane: threadIdx.x walks the Cm contiguous channel values of one mask pixel, threadIdx.y the pixels; the
-// lanes' partial sums are added in a fixed order through shared memory (deterministic).
+// NHWC plane: threadIdx.x walks the Cm contiguous map values of one mask pixel (each counted groups.weight(g)
+// times), threadIdx.y the pixels; the lanes' partial sums are added in a fixed order through shared memory
+// (deterministic).
 template <typename mask_t, typename acc_t>
 __global__ void plane_nhwc_kernel(const mask_t* __restrict__ mask, acc_t* __restrict__ plane, int64_t pixels,
-                                  int64_t Cm) {
+                                  int64_t Cm, ChannelGroups groups) {
   __shared__ acc_t red[kThreads];
   const int64_t q = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool active = q < pixels;  // no early return: the block may meet the barrier below
   acc_t sum = acc_t(0);
   if (active) {
-    for (int64_t c = threadIdx.x; c < Cm; c += blockDim.x) sum += plane_value(static_cast<acc_t>(mask[q * Cm + c]));
+    for (int64_t c = threadIdx.x; c < Cm; c += blockDim.x) {
+      sum += static_cast<acc_t>(groups.weight(c)) * plane_value(static_cast<acc_t>(mask[q * Cm + c]));
+    }
   }
   if (blockDim.x > 1) {  // uniform over the block
     red[threadIdx.y * blockDim.x + threadIdx.x] = sum;
@@ -795,7 +817,7 @@ struct MmaGradShape {
 template <typename scalar_t, typename mask_t>
 __global__ void __launch_bounds__(kMmaThreads)
     mma_dgrad_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ w,
-                     const mask_t* __restrict__ mask, int64_t mask_batch, int64_t mask_channels, MmaGradShape s,
+                     const mask_t* __restrict__ mask, int64_t mask_batch, ChannelGroups groups, MmaGradShape s,
                      scalar_t* __restrict__ dx) {
   if (mma_unsupported_arch<scalar_t>()) return;
   using acc_t = acc_type_t<scalar_t>;
@@ -838,8 +860,8 @@ __global__ void __launch_bounds__(kMmaThreads)
         const int64_t ci = group * Cg + c;
         acc_t r = static_cast<acc_t>(v);
         if (mask != nullptr) {
-          const int64_t mc = mask_channels == 1 ? 0 : ci, mn = mask_batch == 1 ? 0 : int64_t(n);
-          r = masked(r, static_cast<acc_t>(mask[(mn * mask_channels + mc) * HW + hw]));
+          const int64_t mc = groups.map_of(ci), mn = mask_batch == 1 ? 0 : int64_t(n);
+          r = masked(r, static_cast<acc_t>(mask[(mn * groups.count + mc) * HW + hw]));
         }
         dx[(int64_t(n) * g.C_in + ci) * HW + hw] = static_cast<scalar_t>(r);
       });

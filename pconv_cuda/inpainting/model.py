@@ -19,9 +19,18 @@ channel-uniform masks, a single-channel partial conv gives exactly the multi-cha
 (S and win both scale by C_in, U = clamp(S, 0, 1) is unchanged since S is 0 or >= 1); it costs a kh x kw window sum
 instead of C_in x kh x kw. For soft masks (values strictly between 0 and 1) the two differ where 0 < S < 1: masks
 are meant to be binary here, as in the paper.
+
+Channel groups. With a layer class whose ``forward`` takes ``mask_groups`` (``pconv_cuda.PartialConv2d``), the
+network never forms a C-channel mask: a decoder layer gets its skip link's two maps (the upsampled one and the
+encoder's, or the image mask's maps) as ``mask_groups=(C_up, C_skip)``, and the first layer gets the image mask as
+one group when it is one map (1 channel, or one map expanded over the image's channels). The result is that of the
+concatenated C-channel masks (bitwise on the CPU; tests/test_model.py), at the cost of reading G maps instead of
+C channels, and autograd keeps those maps instead of C-channel masks. Other layer classes get the concatenated
+masks (expanded views where they can be).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -64,8 +73,15 @@ class _PConvBlock(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels) if bn else None
         self.activation = activation
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-        x, mask = self.conv(x, mask)
+        # Whether the layer takes a mask by channel groups (mask_groups), so that the network never expands one.
+        try:
+            self.grouped = "mask_groups" in inspect.signature(self.conv.forward).parameters
+        except (TypeError, ValueError):
+            self.grouped = False
+
+    def forward(self, x: Tensor, mask: Tensor, mask_groups: Optional[Tuple[int, ...]] = None) -> Tuple[Tensor, Tensor]:
+        """``mask`` is C-channel, or (with ``mask_groups``, only for a ``grouped`` layer) G maps of channel groups."""
+        x, mask = self.conv(x, mask) if mask_groups is None else self.conv(x, mask, mask_groups=mask_groups)
         if self.bn is not None:
             x = self.bn(x)
         if self.activation is not None:
@@ -198,29 +214,52 @@ class PConvUNet(nn.Module):
         """Inpaint ``image`` where ``mask`` is 0. Returns ``(output, output_mask)``; see the class docstring."""
         mask = self._check_inputs(image, mask)
         feats: List[Tensor] = [image]
-        masks: List[Tensor] = [mask]  # masks[i] has 1 channel for i >= 1 (see the module docstring)
-        x, m = image, mask
+        # masks[i]: the maps of feats[i]'s mask and the channels each covers; one map for i >= 1 (see the module
+        # docstring), the image mask's maps for i = 0.
+        masks: List[Tuple[Tensor, Tuple[int, ...]]] = [_as_groups(mask)]
+        x = image
+        m, sizes = masks[0]
         for block in self.encoder:
-            x, m = block(x, m)
+            x, m = block(*_mask_args(block, x, m, sizes))
             m = m[:, :1]
+            sizes = (x.shape[1],)
             feats.append(x)
-            masks.append(m)
+            masks.append((m, sizes))
 
-        h, hm = feats[-1], masks[-1]
+        h, hm = feats[-1], masks[-1][0]
         for j, block in enumerate(self.decoder):
             i = self.layer_size - j
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             hm = F.interpolate(hm, scale_factor=2.0, mode="nearest")
-            skip, skip_m = feats[i - 1], masks[i - 1]
-            n, _, hh, ww = h.shape
+            skip, (skip_m, skip_sizes) = feats[i - 1], masks[i - 1]
             # Upsampled half first, then the skip (the layout of the common re-implementations' weights).
-            m_in = torch.cat(
-                [hm.expand(n, h.shape[1], hh, ww), skip_m.expand(n, skip.shape[1], hh, ww)], dim=1
-            )
-            h, hm = block(torch.cat([h, skip], dim=1), m_in)
+            maps = torch.cat([hm, skip_m.expand(hm.shape[0], -1, -1, -1)], dim=1)
+            h, hm = block(*_mask_args(block, torch.cat([h, skip], dim=1), maps, (h.shape[1], *skip_sizes)))
             if i > 1:
                 hm = hm[:, :1]
         return h, hm
+
+
+def _as_groups(mask: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
+    """A C-channel mask as (maps, channels per map): one map when it repeats one (1 channel, or one map expanded
+    over the channels: stride 0), else one map per channel."""
+    c = mask.shape[1]
+    if c == 1 or mask.stride(1) == 0:
+        return mask[:, :1], (c,)
+    return mask, (1,) * c
+
+
+def _mask_args(block: _PConvBlock, x: Tensor, maps: Tensor, sizes: Tuple[int, ...]):
+    """block's arguments for input x with a mask of `maps` covering `sizes` channels: the maps and their groups
+    for a layer that takes them; else the C-channel mask they stand for (expanded views, concatenated)."""
+    if not getattr(block.conv, "multi_channel", True):  # a single-channel layer: the one map
+        return x, maps
+    if block.grouped:
+        return x, maps, sizes
+    if len(sizes) == maps.shape[1] and all(s == 1 for s in sizes):
+        return x, maps
+    parts = [maps[:, g:g + 1].expand(-1, s, -1, -1) for g, s in enumerate(sizes)]
+    return x, (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
 
 def pad_to_multiple(image: Tensor, mask: Tensor, multiple: int) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
