@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", choices=("plain", "reference", "fused"),
                    default=["plain", "reference", "fused"], help="networks to time (default all three)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the networks' parameters, inputs and masks")
+    p.add_argument("--channels-last", action="store_true", help="networks and inputs in channels_last")
+    p.add_argument("--cuda-route", choices=("auto", "aten_conv", "gemm", "cudnn_fused"),
+                   help="PCONV_CUDA_ROUTE for the fused network (default: the environment's, else auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="also the reference network under torch.compile (reference_compiled)")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's choice)")
     p.add_argument("--json", type=Path, help="write the results here")
     return p
@@ -144,13 +151,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     variants = {k: v for k, v in variants.items() if k in args.variants or k == "plain"}
     fused_available = fused_available and "fused" in variants
 
+    if args.cuda_route:
+        os.environ["PCONV_CUDA_ROUTE"] = args.cuda_route
+    dtype = getattr(torch, args.dtype)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     models = {}
     for name, cls in variants.items():
-        models[name] = PConvUNet(args.layer_size, pconv=cls, base_channels=args.base_channels).to(device)
+        models[name] = PConvUNet(args.layer_size, pconv=cls, base_channels=args.base_channels).to(
+            device, dtype, memory_format=fmt)
     state = models["plain"].state_dict()
     for model in models.values():
         model.load_state_dict(state)
+    if args.compile and "reference" in models:
+        models["reference_compiled"] = torch.compile(models["reference"])  # the same module and weights
     loss_fn = (InpaintingLoss(vgg_weights="random").to(device) if "train" in args.modes and args.loss == "inpainting"
                else None)
     gen = IrregularMaskGenerator(args.size, args.size, seed=0)
@@ -159,8 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     modes = list(args.modes) + (["infer-graph"] if args.cuda_graphs else [])
     for mode in modes:
         for batch in args.batch:
-            x = torch.rand(batch, 3, args.size, args.size, device=device)
-            m = torch.stack([gen.sample(0.2, 0.4) for _ in range(batch)]).to(device)
+            x = torch.rand(batch, 3, args.size, args.size, device=device).to(dtype).contiguous(memory_format=fmt)
+            m = torch.stack([gen.sample(0.2, 0.4) for _ in range(batch)]).to(device, dtype).contiguous(
+                memory_format=fmt)
             fns = {name: _case_fn(model, loss_fn, mode, x, m) for name, model in models.items()}
             times: Dict[str, List[float]] = {name: [] for name in fns}
             for r in range(args.warmup + args.repeats):
@@ -179,8 +194,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 row["fused_over_plain"] = row["fused_ms"] / row["plain_ms"]
                 if "reference_ms" in row:
                     row["speedup"] = row["reference_ms"] / row["fused_ms"]
+            if fused_available and "reference_compiled_ms" in row:
+                row["fused_over_reference_compiled"] = row["fused_ms"] / row["reference_compiled_ms"]
             if mode == "train":
                 for name, model in models.items():
+                    if name.endswith("_compiled"):
+                        continue
                     total, activations = kept_bytes(model, x, m)
                     row[f"{name}_kept_mb"], row[f"{name}_kept_act_mb"] = total / 2**20, activations / 2**20
                 if fused_available:
@@ -194,6 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(), "layer_size": args.layer_size, "base_channels": args.base_channels,
         "repeats": args.repeats, "warmup": args.warmup, "fused_available": fused_available, "loss": args.loss,
+        "dtype": args.dtype, "channels_last": args.channels_last,
+        "cuda_route": os.environ.get("PCONV_CUDA_ROUTE", "auto") if device.type == "cuda" else None,
         "glibc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
     }
     print()
@@ -241,6 +262,10 @@ def _row_line(row: Dict[str, object], fused: bool) -> str:
     if fused:
         s += (f", fused {row['fused_ms']:.1f} ms, speed-up {_num(row, 'speedup', '.2f')}x, "
               f"fused/plain {row['fused_over_plain']:.3f}x")
+    if "reference_compiled_ms" in row:
+        s += f", reference compiled {row['reference_compiled_ms']:.1f} ms"
+        if "fused_over_reference_compiled" in row:
+            s += f" (fused/that {row['fused_over_reference_compiled']:.2f}x)"
     if "plain_kept_mb" in row:
         names = [n for n in ("plain", "reference", "fused") if f"{n}_kept_mb" in row]
         s += ("; autograd keeps " + ", ".join(f"{n} {row[f'{n}_kept_mb']:.1f} MB" for n in names)

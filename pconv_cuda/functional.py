@@ -125,7 +125,9 @@ def _mask_groups(value) -> Optional[Tuple[int, ...]]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list, torch.Size)):
         raise TypeError(f"mask_groups must be a sequence of ints (input channels per mask map), got "
                         f"{type(value).__name__}")
-    t = tuple(value)
+    # The TorchScript tracer hands out sizes (a model's channel counts) as 0-d integer tensors: constants of the trace.
+    t = tuple(int(v) if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point()
+              and v.dtype != torch.bool else v for v in value)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in t):
         raise TypeError(f"mask_groups must be a sequence of ints (input channels per mask map), got {value!r}")
     return t

@@ -332,7 +332,10 @@ class _TorchBuilder(_Builder):
         return self._operand(a) * self._operand(b)
 
     def _Div(self, a, b):
-        return self._operand(a) / self._operand(b)
+        a, b = self._operand(a), self._operand(b)
+        if not isinstance(a, torch.Tensor):  # float / tensor is reciprocal(tensor) * float: an ulp off a true Div
+            a = torch.scalar_tensor(a, dtype=b.dtype, device=b.device)
+        return a / b
 
     def _Add(self, a, b):
         return self._operand(a) + self._operand(b)

@@ -9,8 +9,9 @@
 # replayed from a CUDA graph; each against the same network on plain convolutions) and the 3-D layers. Results go to
 # $RESULTS (default docs/): bench_cuda_<dtype>.{json,md,png}, bench_cuda_bfloat16_cl.{json,md},
 # bench_cuda_graph_{bfloat16,float32}_cl.{json,md,png}, bench_cuda_graph_512.{json,md}, bench_cuda_3d.{json,md},
-# overhead_cuda.json, bench_model_cuda.json, tests.log (pack them into one archive where a lease returns few). Every
-# stage is timed and bounded, so the run fits a lease; later stages run even if earlier ones fail.
+# overhead_cuda.json, bench_model_cuda.json, bench_model_cuda_bf16_cl_fused.json (the U-Net in bf16 channels_last
+# on the cudnn_fused route, with NVIDIA's layer under torch.compile), tests.log (pack them into one archive where a
+# lease returns few). Every stage is timed and bounded; later stages run even if earlier ones fail.
 #   scripts/gpu_check.sh     PY (default .venv/bin/python, else python3: a machine whose torch is already there),
 #                            MAX_JOBS, CUDA_HOME, PCONV_BUILD_EMU (default 0 here: the emulation is CPU-tested),
 #                            PYTEST_ARGS (e.g. "-n 16 --timeout 120" with pytest-xdist and pytest-timeout: the
@@ -116,6 +117,9 @@ stage "bench host overhead" "${BENCH_LIMIT:-120}" "$PY" benchmarks/overhead.py -
     --json "$RESULTS/overhead_cuda.json"
 stage "bench U-Net" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 --cuda-graphs \
     --json "$RESULTS/bench_model_cuda.json"
+stage "bench U-Net bf16 channels_last cudnn_fused" "${BENCH_LIMIT:-180}" "$PY" benchmarks/bench_model.py --device cuda \
+    --batch 1 8 --repeats 5 --cuda-graphs --dtype bfloat16 --channels-last --cuda-route cudnn_fused --compile \
+    --modes infer --json "$RESULTS/bench_model_cuda_bf16_cl_fused.json"
 stage "bench 3-D" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --dims 3 --devices cuda --batch 1 4 \
     --cuda-routes aten_conv --json "$RESULTS/bench_cuda_3d.json" --markdown "$RESULTS/bench_cuda_3d.md"
 
