@@ -466,7 +466,7 @@ def main(argv=None) -> int:
                        "machine": machine(rows), "commit": commit(),
                        "tf32": torch.backends.cudnn.allow_tf32, "timing": "cuda_graph" if args.gpu_time else "eager",
                        "layout": "channels_last" if args.channels_last else "contiguous",
-                       "repeats": repeats, "rows": [dict(asdict(r), **{"pass": r.pass_}) for r in rows],
+                       "repeats": repeats, "cpu_count": os.cpu_count(), "glibc": _glibc_env(), "rows": [dict(asdict(r), **{"pass": r.pass_}) for r in rows],
                        "summary": summary, "peer_summary": peer_summary(rows)}, f, indent=1)
     why_not = None
     if args.plot:
@@ -477,6 +477,11 @@ def main(argv=None) -> int:
             f.write(markdown(rows, summary, repeats, args, argv, None if why_not or not args.plot else args.plot))
         print(f"markdown: wrote {args.markdown}")
     return 0
+
+
+def _glibc_env() -> Dict[str, str]:
+    """The glibc allocator settings of this run (they change how often fresh buffers page-fault on a CPU)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
 
 
 def _faults(r: Row) -> str:
@@ -515,8 +520,9 @@ def markdown(rows: List[Row], summary: List[str], repeats: int, args, argv, plot
            f"torch {torch.__version__}, "
            f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}), dtype {args.dtype}"
            f"{' (channels_last)' if args.channels_last else ''}, "
-           f"median of {repeats} interleaved repeats per variant. MEASURED on this machine ({machine(rows)}); on a "
-           f"shared machine single cases are noisy (compare medians over layers). "
+           f"median of {repeats} interleaved repeats per variant, glibc settings {_glibc_env() or 'default'}. "
+           f"MEASURED on this machine ({machine(rows)}); on a shared machine single cases are noisy (compare medians "
+           f"over layers). "
            + ("CUDA times are replays of each call captured in a CUDA graph: GPU time without host work. "
               if args.gpu_time else
               "CUDA times are CUDA events around each eager call: for small layers they include the host's launch "

@@ -211,6 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     env = {
         "torch": torch.__version__, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "layer_size": args.layer_size, "base_channels": args.base_channels,
         "repeats": args.repeats, "warmup": args.warmup, "fused_available": fused_available, "loss": args.loss,
         "dtype": args.dtype, "channels_last": args.channels_last,

@@ -152,6 +152,11 @@ def test_bench_model_runs(tmp_path):
         if saved["env"]["fused_available"]:
             assert r["fused_ms"] > 0 and r["speedup"] == pytest.approx(r["reference_ms"] / r["fused_ms"])
             assert r["fused_over_plain"] == pytest.approx(r["fused_ms"] / r["plain_ms"])
+        if r["mode"] == "train":  # memory autograd keeps: the parameters and more; the reference keeps C-channel masks
+            assert r["plain_kept_mb"] > r["plain_kept_act_mb"] > 0
+            if saved["env"]["fused_available"]:
+                assert r["plain_kept_act_mb"] < r["fused_kept_act_mb"] < r["reference_kept_act_mb"]
+                assert r["fused_kept_over_plain"] == pytest.approx(r["fused_kept_mb"] / r["plain_kept_mb"])
     assert "| case | batch |" in bench.format_table(result["rows"], saved["env"]["fused_available"])
     with pytest.raises(SystemExit, match="--cuda-graphs needs --device cuda"):
         bench.main(["--cuda-graphs", "--device", "cpu"])
