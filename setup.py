@@ -112,7 +112,8 @@ def cudnn_frontend_config():
     for name in ("libcudnn.so", "libcudnn.so.9"):
         lib = _first_dir(lib_dirs, name)
         if lib is not None:
-            return [fe_dir, inc], [f"-L{lib}", f"-l:{name}"], f"cudnn-frontend {version // 10000}.{version // 100 % 100} at {fe_dir}, cudnn.h at {inc}"
+            found = f"cudnn-frontend {version // 10000}.{version // 100 % 100} at {fe_dir}, cudnn.h at {inc}"
+            return [fe_dir, inc], [f"-L{lib}", f"-l:{name}"], found
     return None, None, "libcudnn not found (set CUDNN_LIB_DIR)"
 
 

@@ -383,7 +383,8 @@ def main(argv=None) -> int:
                     help="input, mask and weights in channels_last memory format (the fast path on a GPU with "
                          "fp16/bf16: cuDNN's tensor-core convolutions and our NHWC kernels)")
     ap.add_argument("--cuda-routes", nargs="+", default=["aten_conv", "gemm"],
-                    choices=["auto", "aten_conv", "gemm", "cudnn_fused"], help="PCONV_CUDA_ROUTE values to measure on a GPU")
+                    choices=["auto", "aten_conv", "gemm", "cudnn_fused"],
+                    help="PCONV_CUDA_ROUTE values to measure on a GPU")
     ap.add_argument("--gpu-time", action="store_true",
                     help="CUDA: time replays of each call captured in a CUDA graph (GPU time without host work)")
     ap.add_argument("--compile", nargs="*", choices=["default", "reduce-overhead"], default=None,
