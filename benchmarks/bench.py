@@ -202,18 +202,19 @@ def rotation(names: List[str], r: int) -> List[str]:
     return names[r % len(names):] + names[:r % len(names)]
 
 
-def captured(step: Callable[[Callable], None], fn) -> Callable[[], None]:
-    """The call `step(fn)` captured in a CUDA graph (after warm-up on a side stream, as torch documents): replaying
-    it repeats the call's GPU work with no host work per op."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step(fn)
-    torch.cuda.current_stream().wait_stream(stream)
+def captured(run: Callable[[], None]) -> Callable[[], None]:
+    """`run` captured once in a CUDA graph, after warm-up on a side stream as torch.cuda.graphs asks (cuDNN's
+    algorithm choice and lazy initialisation stay outside the graph); the returned function replays it, repeating
+    the call's GPU work with no host work per op. The inputs are the same tensors every replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step(fn)
+        run()
     return graph.replay
 
 
@@ -245,7 +246,7 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, chann
         step(fns[name])
     calls = {n: (lambda n=n: step(fns[n])) for n in names}
     if gpu_time:
-        calls = {n: captured(step, fns[n]) for n in names}
+        calls = {n: captured(calls[n]) for n in names}
     if clock.cuda:
         peak = {}
         for name in names:
@@ -530,8 +531,7 @@ def markdown(rows: List[Row], summary: List[str], repeats: int, args, argv, plot
               "work as much as kernel time. ")
            + (f"TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'} for cuDNN. " if args.dtype == "float32"
               else "")
-           + f"Ratios: "
-           f"fused/plain and fused/peer < 1 and ref/fused > 1 mean the fused op is faster."
+           + "Ratios: fused/plain and fused/peer < 1 and ref/fused > 1 mean the fused op is faster."
            + (" Page faults: the median number of minor page faults per call (plain/ref/fused/peer), first touches "
               "of freshly allocated memory; on a CPU they are a large part of a layer's time, and how many a call "
               "takes depends on the allocator's state (glibc returns freed memory at the heap top to the OS), so "

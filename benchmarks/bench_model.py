@@ -44,6 +44,9 @@ import pconv_cuda
 from pconv_cuda import reference
 from pconv_cuda.inpainting import InpaintingLoss, IrregularMaskGenerator, PConvUNet
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import captured  # noqa: E402  (a call captured in a CUDA graph, shared with the per-layer benchmark)
+
 
 class PlainConv2d(torch.nn.Conv2d):
     """``nn.Conv2d`` with the partial convolution's interface (``multi_channel``, ``return_mask``, ``mask_groups``):
@@ -107,7 +110,7 @@ def _case_fn(
             with torch.inference_mode():
                 model(x, m)
 
-        return _graphed(run) if mode == "infer-graph" else run
+        return captured(run) if mode == "infer-graph" else run
     else:
         model.train()
 
@@ -117,21 +120,6 @@ def _case_fn(
             loss = (out - x).abs().mean() if loss_fn is None else loss_fn(out, x, m)["total"]
             loss.backward()
     return run
-
-
-def _graphed(run: Callable[[], None]) -> Callable[[], None]:
-    """`run` captured once in a CUDA graph (after warm-up on a side stream, as torch.cuda.graphs asks); the
-    returned function replays it. The inputs are the same tensors every replay, which is all `run` reads."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # cuDNN's algorithm choice, lazy initialisation: outside the graph
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return graph.replay
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:

@@ -300,6 +300,25 @@ def summed_terms(s: Sample) -> Dict[str, int]:
             "weight": s.n * ho * wo, "bias": s.n * ho * wo}
 
 
+def assert_within_rounding_of_oracle(x, m, w, b, s: Sample, out, upd, dtype: torch.dtype) -> None:
+    """`out`, `upd` and the gradients of `out` for x, w (and b) element by element against float64 computed from the
+    same rounded inputs, within the rounding bounds of `dtype` (ROUNDINGS, assert_rounding_close)."""
+    device = out.device
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    leaves = {"input": x, "weight": w, **({"bias": b} if b is not None else {})}
+    got = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad)))
+    want_out, want_upd, want = oracle(x, m, w, b, s, grad)
+    size, _, magnitude = oracle(x, m, w, b, s, grad, magnitude=True)
+    terms = summed_terms(s)
+    assert_rounding_close(out, want_out, size, dtype, ROUNDINGS["output"], terms["output"], "output")
+    kh, kw = s.kernel
+    assert_rounding_close(upd, want_upd, want_upd, dtype, 1, (s.c_in if s.multi_channel else 1) * kh * kw,
+                          "updated_mask")
+    for name, g in got.items():
+        assert g.dtype == dtype
+        assert_rounding_close(g, want[name], magnitude[name], dtype, ROUNDINGS[name], terms[name], f"grad_{name}")
+
+
 class PeerPartialConv2d(nn.Conv2d):
     """The oracle as a layer with PartialConv2d's interface and NVIDIA's mask shapes (for PConvUNet(pconv=...))."""
 

@@ -10,7 +10,8 @@ import torch
 import pconv_cuda
 from pconv_cuda import routes
 from helpers import (FUSED_BACKENDS, KERNEL_SAMPLES, ROUNDINGS, SAMPLES, Backend, Sample, assert_rounding_close,
-                     conv_args, cuda_unavailable, make_inputs, oracle, summed_terms, use_backend, with_)
+                     assert_within_rounding_of_oracle, conv_args, cuda_unavailable, make_inputs, oracle,
+                     summed_terms, use_backend, with_)
 
 ALL_SAMPLES = SAMPLES + KERNEL_SAMPLES
 
@@ -130,21 +131,7 @@ def test_route_against_float64_oracle(s, fused_backend, dtype):
     route = routes.last_route(_ns=fused_backend.ns)
     assert route == fused_expected(s, x, m, w, b), route
     assert out.is_contiguous(memory_format=torch.channels_last) or out.shape[1] == 1
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    leaves = {"input": x, "weight": w, **({"bias": b} if b is not None else {})}
-    got = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad)))
-    want_out, want_upd, want = oracle(x, m, w, b, s, grad)
-    size, _, magnitude = oracle(x, m, w, b, s, grad, magnitude=True)
-    terms = summed_terms(s)
-    rounding = ROUNDINGS["output"]
-    if dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
-        pytest.fail("the suite runs with TF32 off (conftest.no_tf32)")
-    assert_rounding_close(out, want_out, size, dtype, rounding, terms["output"], "output")
-    kh, kw = s.kernel
-    assert_rounding_close(upd, want_upd, want_upd, dtype, 1, (s.c_in if s.multi_channel else 1) * kh * kw,
-                          "updated_mask")
-    for name, g in got.items():
-        assert_rounding_close(g, want[name], magnitude[name], dtype, ROUNDINGS[name], terms[name], f"grad_{name}")
+    assert_within_rounding_of_oracle(x, m, w, b, s, out, upd, dtype)
 
 
 def test_emulated_route_flow():

@@ -7,7 +7,8 @@ from torch.autograd import gradcheck
 
 import pconv_cuda
 from pconv_cuda import reference
-from helpers import (BACKENDS, KERNEL_SAMPLES, ROUNDINGS, SAMPLES, Backend, Sample, assert_rounding_close, conv_args,
+from helpers import (BACKENDS, KERNEL_SAMPLES, ROUNDINGS, SAMPLES, Backend, Sample, assert_rounding_close,
+                     assert_within_rounding_of_oracle, conv_args,
                      make_inputs, make_layer, nondet_tol, oracle, summed_terms, use_backend, with_)
 
 # Tolerances by dtype. The reference adds 1e-8 to S; for binary masks S >= 1 where it matters, so that is a 1e-8
@@ -168,19 +169,7 @@ def test_low_precision_against_float64_oracle(s, backend, dtype):
     x, m, w, b = make_inputs(s, dtype, device, requires_grad=True)
     out, upd = run_op(backend, x, m, w, b, s)
     assert out.dtype == dtype and upd.dtype == dtype
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    leaves = {"input": x, "weight": w, **({"bias": b} if b is not None else {})}
-    got = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad)))
-    want_out, want_upd, want = oracle(x, m, w, b, s, grad)
-    size, _, magnitude = oracle(x, m, w, b, s, grad, magnitude=True)
-    terms = summed_terms(s)
-    assert_rounding_close(out, want_out, size, dtype, ROUNDINGS["output"], terms["output"], "output")
-    kh, kw = s.kernel
-    assert_rounding_close(upd, want_upd, want_upd, dtype, 1, (s.c_in if s.multi_channel else 1) * kh * kw,
-                          "updated_mask")
-    for name, g in got.items():
-        assert g.dtype == dtype
-        assert_rounding_close(g, want[name], magnitude[name], dtype, ROUNDINGS[name], terms[name], f"grad_{name}")
+    assert_within_rounding_of_oracle(x, m, w, b, s, out, upd, dtype)
 
 
 def test_rounding_bound_catches_a_two_percent_error():

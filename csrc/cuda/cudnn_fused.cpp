@@ -38,11 +38,8 @@ fe::DataType_t io_type(at::ScalarType t) {
   return t == at::kHalf ? fe::DataType_t::HALF : t == at::kBFloat16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::FLOAT;
 }
 
-// NHWC strides of an (N, C, H, W) tensor.
-std::vector<int64_t> nhwc_strides(int64_t n, int64_t c, int64_t h, int64_t w) {
-  (void)n;
-  return {h * w * c, 1, w * c, c};
-}
+// NHWC strides of an (N, C, H, W) tensor (the batch does not enter them).
+std::vector<int64_t> nhwc_strides(int64_t c, int64_t h, int64_t w) { return {h * w * c, 1, w * c, c}; }
 
 std::shared_ptr<fe::graph::Graph> make_graph(const FusedCall& c) {
   const Geometry& g = c.g;
@@ -52,9 +49,9 @@ std::shared_ptr<fe::graph::Graph> make_graph(const FusedCall& c) {
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
   auto x = graph->tensor(fe::graph::Tensor_attributes().set_name("masked_input").set_uid(kX).set_dim({N, C, H, W})
-                             .set_stride(nhwc_strides(N, C, H, W)));
+                             .set_stride(nhwc_strides(C, H, W)));
   auto w = graph->tensor(fe::graph::Tensor_attributes().set_name("weight").set_uid(kW).set_dim({K, C, R, S})
-                             .set_stride(nhwc_strides(K, C, R, S)));
+                             .set_stride(nhwc_strides(C, R, S)));
   auto conv = graph->conv_fprop(x, w, fe::graph::Conv_fprop_attributes()
                                           .set_name("conv")
                                           .set_padding({g.win.ph, g.win.pw})
@@ -83,7 +80,7 @@ std::shared_ptr<fe::graph::Graph> make_graph(const FusedCall& c) {
                          pointwise("times_ratio", fe::PointwiseMode_t::MUL));
   }
   y->set_output(true).set_name("output").set_uid(kY).set_data_type(io_type(c.dtype)).set_dim({N, K, P, Q})
-      .set_stride(nhwc_strides(N, K, P, Q));
+      .set_stride(nhwc_strides(K, P, Q));
   return graph;
 }
 
