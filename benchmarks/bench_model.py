@@ -16,9 +16,9 @@ exports the reference layer (no extension built), the fused column is left out.
 
 Memory: for each variant and batch, the bytes autograd keeps for the backward of one training forward of the
 network (the loss not included): the unique storages of the tensors its graph saves, ``kept_mb`` (the weights the
-convolutions save included, as issue 23 measured: 165 MB for the plain network), and ``kept_act_mb`` without the
-parameters (what the graph adds to the model's own memory), each with fused/plain. On this CPU freshly allocated buffers page-fault (glibc returns large freed blocks to the OS):
-the glibc settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, ...) in the environment are recorded in the
+convolutions save included), and ``kept_act_mb`` without the parameters (what the graph adds to the model's own
+memory), each with fused/plain. On a CPU, freshly allocated buffers page-fault (glibc returns large freed blocks to
+the OS): the glibc settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, ...) in the environment are recorded in the
 JSON's env, since they move the times.
 
 `--cuda-graphs` adds the mode "infer-graph": each network's inference captured once in a CUDA graph and replayed,

@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one run. Builds pconv_cuda for the local GPU only (fast), with the cudnn_fused route
-# (cudnn-frontend's headers: the nvidia-cudnn-frontend package, or CUDNN_FRONTEND_INCLUDE pointing at a carried copy
-# of its include/ folder on a machine without a package index); runs the tests of the CUDA backends and of the
-# cudnn_fused route (failures and errors listed); then the benchmarks on CUDA: per layer fp32 and bf16 (batch 1 and
-# 8, aten_conv and gemm routes), bf16 channels_last (aten_conv and cudnn_fused), the GPU time of each layer from
-# CUDA-graph replays (bf16 and fp32-TF32 channels_last, 256 px batch 1 and 8 with NVIDIA's layer and the peer under
-# torch.compile, 512 px layer_size 8 batch 8), the per-call host overhead, the whole U-Net (eager, and inference
-# replayed from a CUDA graph; each against the same network on plain convolutions) and the 3-D layers. Results go to
-# $RESULTS (default docs/): bench_cuda_<dtype>.{json,md,png}, bench_cuda_bfloat16_cl.{json,md},
-# bench_cuda_graph_{bfloat16,float32}_cl.{json,md,png}, bench_cuda_graph_512.{json,md}, bench_cuda_3d.{json,md},
-# overhead_cuda.json, bench_model_cuda.json, bench_model_cuda_bf16_cl_fused.json (the U-Net in bf16 channels_last
-# on the cudnn_fused route, with NVIDIA's layer under torch.compile), tests.log (pack them into one archive where a
-# lease returns few). Every stage is timed and bounded; later stages run even if earlier ones fail.
+# The checks that need a GPU, in one run of at most DEADLINE seconds (default 540). Builds pconv_cuda for the local
+# GPU only, with the cudnn_fused route (cudnn-frontend's headers: the nvidia-cudnn-frontend package, or
+# CUDNN_FRONTEND_INCLUDE pointing at a carried copy of its include/ folder on a machine without a package index);
+# runs the tests of the CUDA backends and of the cudnn_fused route; then the CUDA benchmarks, most wanted first: the
+# GPU time of each layer from CUDA-graph replays (bf16 and fp32-TF32 channels_last, 256 px batch 1 and 8, NVIDIA's
+# layer and the peer under torch.compile), the U-Net in bf16 channels_last on cudnn_fused, the eager per-layer fp32
+# table (aten_conv and gemm routes), the host overhead per call, the fp32 U-Net (eager and replayed from a CUDA
+# graph), 512 px layer_size 8 batch 8, eager bf16 (NCHW and channels_last), the 3-D layers. A stage gets at most the
+# time left; one that would get under 20 s is skipped and reported. Results go to $RESULTS (default docs/):
+# gpu_check.json (scripts/gpu_check_report.py: commit, versions, GPU, test counts per backend, each failure's id and
+# first error line, stage times, the benchmark medians), bench_cuda_graph_{bfloat16,float32}_cl.{json,md,png},
+# bench_model_cuda_bf16_cl_fused.json, bench_cuda_float32.{json,md,png}, overhead_cuda.json, bench_model_cuda.json,
+# bench_cuda_graph_512.{json,md}, bench_cuda_bfloat16{,_cl}.{json,md}, bench_cuda_3d.{json,md}, tests.log and the
+# raw gpu_check_{stages.tsv,outcomes.jsonl} (pack them into one archive where a lease returns few files).
 #   scripts/gpu_check.sh     PY (default .venv/bin/python, else python3: a machine whose torch is already there),
 #                            MAX_JOBS, CUDA_HOME, PCONV_BUILD_EMU (default 0 here: the emulation is CPU-tested),
-#                            PYTEST_ARGS (e.g. "-n 16 --timeout 120" with pytest-xdist and pytest-timeout: the
-#                            suite's CUDA gradchecks take 10-20 s each), PCONV_TEST_BACKENDS (default the CUDA
-#                            backends; empty for the whole suite), TESTS_LIMIT / BENCH_LIMIT (seconds),
+#                            PYTEST_ARGS (default "-n <cores> --timeout 120" where pytest-xdist and pytest-timeout
+#                            are installed), PCONV_TEST_BACKENDS (default the CUDA backends; empty for the whole
+#                            suite), DEADLINE / BUILD_LIMIT / TESTS_LIMIT / BENCH_LIMIT (seconds),
 #                            CUDNN_FRONTEND_INCLUDE, PCONV_CUDNN_FUSED=0 (build and check without the route)
 # Lent H200s (torch 2.11, 16 cores): the build took 45 s, then 100 s once the tensor-core kernels were in; 21-23 s per
-# benchmark dtype; the whole suite with "-n 16" did not finish in 330 s (68%, CPU gradchecks timing out under 256
-# threads), hence the defaults above. Its CXX (/opt/gcc/bin/g++) links libstdc++ statically, which setup.py refuses
-# (two C++ runtimes in one process crash on the first error message): the build is then retried with the system
-# compiler when there is one.
+# eager benchmark dtype; the whole suite with "-n 16" did not finish in 330 s (68%, CPU gradchecks timing out under
+# 256 threads), hence the CUDA backends only and one thread per worker. Its CXX (/opt/gcc/bin/g++) links libstdc++
+# statically, which setup.py refuses (two C++ runtimes in one process crash on the first error message): the build
+# is then retried with the system compiler when there is one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -35,15 +36,28 @@ fi
 RESULTS=${RESULTS:-docs}
 mkdir -p "$RESULTS"
 T0=$(date +%s)
-stage_times=()
+# The whole check ends within DEADLINE seconds (default 540: a lease's command runs at most 600 s): each stage gets
+# at most what is left, a stage with under 20 s left is skipped (and reported as such), and the report is written.
+DEADLINE=${DEADLINE:-540}
+STAGES=$RESULTS/gpu_check_stages.tsv
+OUTCOMES=$RESULTS/gpu_check_outcomes.jsonl
+: >"$STAGES"
 failed=()
 stage() {  # name, limit (s), command...: run it bounded and timed, remember a failure
-    local name=$1 limit=$2 t rc=0
+    local name=$1 limit=$2 t rc=0 left
     shift 2
+    left=$((DEADLINE - ($(date +%s) - T0) - 10))
+    if [ "$left" -lt 20 ]; then
+        echo "=== $name: skipped, ${left} s left of the check's ${DEADLINE} s"
+        printf '%s\t0\t-1\n' "$name (skipped: no time left)" >>"$STAGES"
+        failed+=("$name (no time left)")
+        return 1
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     t=$(date +%s)
-    echo "=== $name (limit ${limit} s)"
-    timeout --kill-after=10 "$limit" "$@" || rc=$?
-    stage_times+=("$name: $(($(date +%s) - t)) s, rc $rc")
+    echo "=== $name (limit ${limit} s, $(($(date +%s) - T0)) s into the check)"
+    timeout --kill-after=5 "$limit" "$@" || rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$(($(date +%s) - t))" "$rc" >>"$STAGES"
     [ "$rc" -eq 0 ] || failed+=("$name (rc $rc)")
     return "$rc"
 }
@@ -80,51 +94,63 @@ assert not status or os.environ.get('PCONV_CUDNN_FUSED') == '0', status
 ")
 }
 export -f pip_install_pconv build; export ARCH PY
-stage build 400 bash -c build || { echo "gpu_check.sh: build failed"; exit 1; }
+export GPU_CHECK_START=$T0
+report() { "$PY" scripts/gpu_check_report.py "$OUTCOMES" "$STAGES" "$RESULTS"; }
+stage build "${BUILD_LIMIT:-300}" bash -c build || { echo "gpu_check.sh: build failed"; report; exit 1; }
 
 export PYTHONUNBUFFERED=1
-stage "bench float32" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
-    --json "$RESULTS/bench_cuda_float32.json" --markdown "$RESULTS/bench_cuda_float32.md" \
-    --plot "$RESULTS/bench_cuda_float32.png"
 # The tests of the CUDA backends (and those that take no backend: model, examples, export) unless
-# PCONV_TEST_BACKENDS says otherwise (empty: the whole suite; CI runs the CPU and emulated ones anyway). One torch
-# thread per xdist worker: 16 workers x 16 threads made CPU gradchecks overrun their timeout. -v: a run stopped at its
-# limit still names every test that failed before.
+# PCONV_TEST_BACKENDS says otherwise (empty: the whole suite; CI runs the CPU and emulated ones anyway), spread over
+# the cores with pytest-xdist and each bounded by pytest-timeout where those are installed. One torch thread per
+# xdist worker: 16 workers x 16 threads made CPU gradchecks overrun their timeout. scripts/gpu_check_report.py
+# records each verdict as it comes (a run stopped at its limit still counts what ran), -v names them in tests.log.
 export PCONV_TEST_BACKENDS=${PCONV_TEST_BACKENDS-cuda-aten_conv,cuda-gemm,cuda-cudnn_fused}
+if [ -z "${PYTEST_ARGS+x}" ]; then
+    PYTEST_ARGS=""
+    "$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n $(nproc)"
+    "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS="$PYTEST_ARGS --timeout 120"
+fi
+export GPU_CHECK_OUTCOMES=$OUTCOMES
 # shellcheck disable=SC2086
-stage tests "${TESTS_LIMIT:-300}" bash -c "OMP_NUM_THREADS=1 '$PY' -P -m pytest -v -rfE -p no:cacheprovider \
-    ${PYTEST_ARGS:-} > '$RESULTS/tests.log' 2>&1; rc=\$?; grep -E '(FAILED|ERROR) ' '$RESULTS/tests.log' | head -n 80;
-    tail -n 30 '$RESULTS/tests.log'; exit \$rc"
-stage "bench bfloat16" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 --dtype bfloat16 \
-    --json "$RESULTS/bench_cuda_bfloat16.json" --markdown "$RESULTS/bench_cuda_bfloat16.md"
-stage "bench bfloat16 channels_last" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
-    --dtype bfloat16 --channels-last --cuda-routes aten_conv cudnn_fused --json "$RESULTS/bench_cuda_bfloat16_cl.json" \
-    --markdown "$RESULTS/bench_cuda_bfloat16_cl.md"
-# GPU time per layer (CUDA-graph replays): what the cudnn_fused route is judged by (docs/architecture.md, Routes).
-stage "bench GPU time bfloat16" "${BENCH_LIMIT:-240}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
+stage tests "${TESTS_LIMIT:-270}" bash -c "OMP_NUM_THREADS=1 PYTHONPATH='$ROOT/scripts' '$PY' -P -m pytest -v -rfE \
+    -p no:cacheprovider -p gpu_check_report ${PYTEST_ARGS} > '$RESULTS/tests.log' 2>&1; rc=\$?;
+    grep -E '(FAILED|ERROR) ' '$RESULTS/tests.log' | head -n 80; tail -n 30 '$RESULTS/tests.log'; exit \$rc"
+# Benchmarks, most wanted first (the deadline skips the last ones): the GPU time of each layer from CUDA-graph
+# replays, which the cudnn_fused route is judged by (docs/architecture.md, Routes), with NVIDIA's layer and the peer
+# under torch.compile; the U-Net on that route; then the eager per-layer tables, host overhead, fp32 U-Net, 3-D.
+stage "bench GPU time bfloat16" "${BENCH_LIMIT:-150}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
     --batch 1 8 --masks single --dtype bfloat16 --channels-last --cuda-routes aten_conv cudnn_fused --compile default \
     --json "$RESULTS/bench_cuda_graph_bfloat16_cl.json" --markdown "$RESULTS/bench_cuda_graph_bfloat16_cl.md" \
     --plot "$RESULTS/bench_cuda_graph_bfloat16_cl.png"
-stage "bench GPU time float32 (TF32)" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
+stage "bench U-Net bf16 channels_last cudnn_fused" "${BENCH_LIMIT:-90}" "$PY" benchmarks/bench_model.py --device cuda \
+    --batch 1 8 --repeats 5 --cuda-graphs --dtype bfloat16 --channels-last --cuda-route cudnn_fused --compile \
+    --modes infer --json "$RESULTS/bench_model_cuda_bf16_cl_fused.json"
+stage "bench GPU time float32 (TF32)" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
     --batch 1 8 --masks single --channels-last --cuda-routes aten_conv cudnn_fused \
     --json "$RESULTS/bench_cuda_graph_float32_cl.json" --markdown "$RESULTS/bench_cuda_graph_float32_cl.md" \
     --plot "$RESULTS/bench_cuda_graph_float32_cl.png"
-stage "bench GPU time 512 px" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
+stage "bench float32" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
+    --json "$RESULTS/bench_cuda_float32.json" --markdown "$RESULTS/bench_cuda_float32.md" \
+    --plot "$RESULTS/bench_cuda_float32.png"
+stage "bench host overhead" "${BENCH_LIMIT:-45}" "$PY" benchmarks/overhead.py --devices cuda \
+    --json "$RESULTS/overhead_cuda.json"
+stage "bench U-Net" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 \
+    --cuda-graphs --json "$RESULTS/bench_model_cuda.json"
+stage "bench GPU time 512 px" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
     --image 512 --layer-size 8 --batch 8 --masks single --dtype bfloat16 --channels-last \
     --cuda-routes aten_conv cudnn_fused --json "$RESULTS/bench_cuda_graph_512.json" \
     --markdown "$RESULTS/bench_cuda_graph_512.md"
-stage "bench host overhead" "${BENCH_LIMIT:-120}" "$PY" benchmarks/overhead.py --devices cuda \
-    --json "$RESULTS/overhead_cuda.json"
-stage "bench U-Net" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 --cuda-graphs \
-    --json "$RESULTS/bench_model_cuda.json"
-stage "bench U-Net bf16 channels_last cudnn_fused" "${BENCH_LIMIT:-180}" "$PY" benchmarks/bench_model.py --device cuda \
-    --batch 1 8 --repeats 5 --cuda-graphs --dtype bfloat16 --channels-last --cuda-route cudnn_fused --compile \
-    --modes infer --json "$RESULTS/bench_model_cuda_bf16_cl_fused.json"
-stage "bench 3-D" "${BENCH_LIMIT:-120}" "$PY" benchmarks/bench.py --dims 3 --devices cuda --batch 1 4 \
+stage "bench bfloat16 channels_last" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
+    --dtype bfloat16 --channels-last --cuda-routes aten_conv cudnn_fused --json "$RESULTS/bench_cuda_bfloat16_cl.json" \
+    --markdown "$RESULTS/bench_cuda_bfloat16_cl.md"
+stage "bench bfloat16" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 --dtype bfloat16 \
+    --json "$RESULTS/bench_cuda_bfloat16.json" --markdown "$RESULTS/bench_cuda_bfloat16.md"
+stage "bench 3-D" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --dims 3 --devices cuda --batch 1 4 \
     --cuda-routes aten_conv --json "$RESULTS/bench_cuda_3d.json" --markdown "$RESULTS/bench_cuda_3d.md"
 
+report || failed+=("report (rc $?)")
 echo "=== times"
-for line in "${stage_times[@]}"; do echo "  $line"; done
+sed 's/^/  /' "$STAGES"
 echo "  total: $(($(date +%s) - T0)) s"
 if [ "${#failed[@]}" -ne 0 ]; then
     echo "gpu_check.sh: FAILED: ${failed[*]}" >&2

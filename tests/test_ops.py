@@ -481,5 +481,5 @@ def test_bad_route_variable(monkeypatch):
 def test_bad_cuda_route_variable(monkeypatch):
     use_backend(BACKENDS[1], monkeypatch)
     monkeypatch.setenv("PCONV_CUDA_ROUTE", "fastest")
-    with pytest.raises(RuntimeError, match=r"PCONV_CUDA_ROUTE must be 'auto', 'aten_conv' or 'gemm' .*got 'fastest'"):
+    with pytest.raises(RuntimeError, match=r"PCONV_CUDA_ROUTE must be 'auto', 'aten_conv', 'gemm' or 'cudnn_fused' .*got 'fastest'"):
         torch.ops.pconv_cuda_emu.partial_conv2d(*make_inputs(SAMPLES[0], torch.float32), *conv_args(SAMPLES[0]))
