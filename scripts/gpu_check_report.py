@@ -62,17 +62,25 @@ def pytest_xdist_node_collection_finished(node, ids) -> None:  # with xdist: eac
     _append(node.config, {"collected": list(ids)})
 
 
+def _error_line(report, last: bool = False) -> str:
+    """The first (or last) 'E ' line of a failure's report: the assertion or exception that decided it."""
+    text = str(report.longrepr) if report.longrepr is not None else ""
+    lines = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")] or text.splitlines()[-1:]
+    return (lines[-1] if last else lines[0])[:300] if lines else ""
+
+
 def pytest_runtest_logreport(report) -> None:
     if report.when == "call" or report.outcome != "passed":  # a test's verdict, or its failed/skipped setup
-        first = ""
-        if report.outcome == "failed":
-            text = str(report.longrepr) if report.longrepr is not None else ""
-            lines = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")] or text.splitlines()[-1:]
-            first = lines[0][:300] if lines else ""
         record = {"id": report.nodeid, "when": report.when, "outcome": report.outcome, "s": round(report.duration, 3)}
-        if first:
-            record["error"] = first
+        if report.outcome == "failed":
+            record["error"] = _error_line(report)
         _append(_CONFIG[0], record)
+
+
+def pytest_collectreport(report) -> None:
+    if report.outcome == "failed":  # a test file that could not be collected: its tests are in no count
+        _append(_CONFIG[0], {"id": report.nodeid, "when": "collect", "outcome": "failed",
+                             "error": _error_line(report, last=True)})
 
 
 _CONFIG: List = []  # the run's config (reports do not carry it)
@@ -89,6 +97,7 @@ def pytest_configure(config) -> None:
 def _tests(outcomes: Path) -> dict:
     collected: List[str] = []
     verdict: Dict[str, dict] = {}
+    collection_errors: List[dict] = []
     if outcomes.exists():
         for line in outcomes.read_text().splitlines():
             if not line.strip():
@@ -100,13 +109,17 @@ def _tests(outcomes: Path) -> dict:
             if "collected" in r:
                 collected = collected or r["collected"]
                 continue
+            if r["when"] == "collect":
+                collection_errors.append({"id": r["id"], "when": "collect", "error": r.get("error", "")})
+                continue
             prev = verdict.get(r["id"])
             # a test's verdict: failed wins over passed (a teardown error after a pass), then the latest
             if prev is None or prev["outcome"] != "failed":
                 verdict[r["id"]] = r
-    counts = {"collected": len(collected), "passed": 0, "failed": 0, "skipped": 0}
+    counts = {"collected": len(collected), "passed": 0, "failed": 0, "skipped": 0,
+              "collection_errors": len(collection_errors)}
     per_backend: Dict[str, Dict[str, int]] = {}
-    failures = []
+    failures = list(collection_errors)
     for tid, r in verdict.items():
         outcome = r["outcome"]
         counts[outcome] = counts.get(outcome, 0) + 1
@@ -207,7 +220,8 @@ def main(argv: List[str]) -> int:
     (results / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
     c = report["tests"]["counts"]
     print(f"gpu_check.json: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped, {c['not_run']} not "
-          f"run of {c['collected']} collected ({100 * c['run_fraction']:.1f}% run)")
+          f"run of {c['collected']} collected ({100 * c['run_fraction']:.1f}% run), {c['collection_errors']} files not "
+          "collected")
     return 0
 
 

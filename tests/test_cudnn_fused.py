@@ -10,8 +10,8 @@ import torch
 import pconv_cuda
 from pconv_cuda import routes
 from helpers import (FUSED_BACKENDS, KERNEL_SAMPLES, ROUNDINGS, SAMPLES, Backend, Sample, assert_rounding_close,
-                     assert_within_rounding_of_oracle, conv_args, cuda_unavailable, make_inputs, oracle,
-                     summed_terms, use_backend, with_)
+                     assert_within_rounding_of_oracle, conv_args, cuda_unavailable, emu_unavailable, make_inputs,
+                     oracle, summed_terms, use_backend, with_)
 
 ALL_SAMPLES = SAMPLES + KERNEL_SAMPLES
 
@@ -137,7 +137,8 @@ def test_route_against_float64_oracle(s, fused_backend, dtype):
 def test_emulated_route_flow():
     # The model of the graph under the emulation: the flow writes win / S for the bias form, multiplies by ratio
     # without a bias, and falls back where the surface excludes the call.
-    pytest.importorskip("pconv_cuda.emu")
+    if emu_unavailable():
+        pytest.skip(emu_unavailable())
     import pconv_cuda.emu as emu
     s = Sample("flow", n=2, c_in=8, c_out=4, h=9, w=7, mask="holes", mask_batch=1)
     for bias in (True, False):

@@ -5,8 +5,12 @@ import pytest
 import torch
 
 import pconv_cuda
-import pconv_cuda.emu  # noqa: F401
+from helpers import emu_unavailable
 from pconv_cuda import ops
+
+if emu_unavailable():  # a build without PCONV_BUILD_EMU=1 (scripts/gpu_check.sh's default)
+    pytest.skip(emu_unavailable(), allow_module_level=True)
+import pconv_cuda.emu  # noqa: E402,F401
 
 selftest = torch.ops.pconv_cuda_emu._emu_selftest
 

@@ -1,5 +1,6 @@
 """scripts/gpu_check_report.py: the counts gpu_check.json gives are the ones pytest saw, including a run stopped at
-its time limit (tests never reached are 'not run', not passed), and a failure keeps its id and first error line."""
+its time limit (tests never reached are 'not run', not passed), a failure keeps its id and first error line, and a
+file that cannot be collected is reported, not lost."""
 from __future__ import annotations
 
 import json
@@ -32,10 +33,12 @@ SUITE = textwrap.dedent("""
 
 def test_a_stopped_run_counts_what_ran_and_names_the_failure(tmp_path):
     (tmp_path / "test_fake.py").write_text(SUITE)
+    (tmp_path / "test_broken.py").write_text("import a_module_that_is_not_built\n")
     outcomes, results = tmp_path / "outcomes.jsonl", tmp_path / "results"
     results.mkdir()
     env = dict(os.environ, GPU_CHECK_OUTCOMES=str(outcomes), PYTHONPATH=str(SCRIPTS))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_check_report", "test_fake.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_check_report",
+           "--continue-on-collection-errors", "test_broken.py", "test_fake.py"]
     # Stopped the way gpu_check.sh's stage limit stops it: killed while test_z_never_finishes runs.
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -61,10 +64,12 @@ def test_a_stopped_run_counts_what_ran_and_names_the_failure(tmp_path):
                    check=True, env=dict(os.environ, GPU_CHECK_START="0"), capture_output=True)
     report = json.loads((results / "gpu_check.json").read_text())
     tests = report["tests"]
-    assert tests["counts"] == {"collected": 6, "passed": 2, "failed": 1, "skipped": 1, "not_run": 2,
-                               "run_fraction": round(4 / 6, 4)}
-    assert tests["failures"] == [{"id": "test_fake.py::test_op[cuda-gemm]", "when": "call",
-                                  "error": "AssertionError: gemm is off by 2 ulp"}]
+    assert tests["counts"] == {"collected": 6, "passed": 2, "failed": 1, "skipped": 1, "collection_errors": 1,
+                               "not_run": 2, "run_fraction": round(4 / 6, 4)}
+    assert tests["failures"] == [
+        {"id": "test_broken.py", "when": "collect",
+         "error": "ModuleNotFoundError: No module named 'a_module_that_is_not_built'"},
+        {"id": "test_fake.py::test_op[cuda-gemm]", "when": "call", "error": "AssertionError: gemm is off by 2 ulp"}]
     assert tests["per_backend"]["cuda-gemm"] == {"passed": 0, "failed": 1, "skipped": 0}
     assert tests["per_backend"]["cuda_emu-aten_conv"] == {"passed": 1, "failed": 0, "skipped": 0}
     assert report["stages"] == [{"stage": "build", "s": 42, "rc": 0}, {"stage": "tests", "s": 7, "rc": 124}]
