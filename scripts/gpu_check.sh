@@ -17,7 +17,8 @@
 #                            MAX_JOBS, CUDA_HOME, PCONV_BUILD_EMU (default 0 here: the emulation is CPU-tested),
 #                            PYTEST_ARGS (default "-n <cores> --timeout 120" where pytest-xdist and pytest-timeout
 #                            are installed), PCONV_TEST_BACKENDS (default the CUDA backends; empty for the whole
-#                            suite), DEADLINE / BUILD_LIMIT / TESTS_LIMIT / BENCH_LIMIT (seconds),
+#                            suite), DEADLINE / BUILD_LIMIT / TESTS_LIMIT / BENCH_LIMIT (seconds), PARTS (default
+#                            "build tests bench"; e.g. "build tests", then "bench" in a second command),
 #                            CUDNN_FRONTEND_INCLUDE, PCONV_CUDNN_FUSED=0 (build and check without the route)
 # Lent H200s (torch 2.11, 16 cores): the build took 45 s, then 100 s once the tensor-core kernels were in; 21-23 s per
 # eager benchmark dtype; the whole suite with "-n 16" did not finish in 330 s (68%, CPU gradchecks timing out under
@@ -41,7 +42,12 @@ T0=$(date +%s)
 DEADLINE=${DEADLINE:-540}
 STAGES=$RESULTS/gpu_check_stages.tsv
 OUTCOMES=$RESULTS/gpu_check_outcomes.jsonl
-: >"$STAGES"
+# PARTS: which of build, tests, bench to run (default all). A lease too short for all in one command runs
+# PARTS="build tests", then PARTS=bench on the same (still warm) machine: the installed build and RESULTS' files
+# from the first command are kept, and the report covers both.
+PARTS=${PARTS:-build tests bench}
+has() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
+has build && : >"$STAGES"
 failed=()
 stage() {  # name, limit (s), command...: run it bounded and timed, remember a failure
     local name=$1 limit=$2 t rc=0 left
@@ -79,7 +85,9 @@ build() {
         echo "=== retrying with the system compiler (/usr/bin/g++): ${CXX:-g++} links libstdc++ statically"
         CXX=/usr/bin/g++ CC=/usr/bin/gcc pip_install_pconv || return 1
     fi
-    # The installed package (not the source tree) must have its CUDA kernels.
+    installed
+}
+installed() {  # the installed package (not the source tree) must have its CUDA kernels
     (cd / && "$PY" -c "
 import os, torch, pconv_cuda
 from pconv_cuda import ops
@@ -93,10 +101,18 @@ print('cudnn_fused route:', status or 'built')
 assert not status or os.environ.get('PCONV_CUDNN_FUSED') == '0', status
 ")
 }
-export -f pip_install_pconv build; export ARCH PY
-export GPU_CHECK_START=$T0
+export -f pip_install_pconv build installed; export ARCH PY
+# The report takes the benchmark files written since the first part's start (a file left from an earlier run is
+# never reported as this run's).
+has build && echo "$T0" >"$RESULTS/gpu_check_start"
+GPU_CHECK_START=$(cat "$RESULTS/gpu_check_start" 2>/dev/null || echo "$T0")
+export GPU_CHECK_START
 report() { "$PY" scripts/gpu_check_report.py "$OUTCOMES" "$STAGES" "$RESULTS"; }
-stage build "${BUILD_LIMIT:-300}" bash -c build || { echo "gpu_check.sh: build failed"; report; exit 1; }
+if has build; then
+    stage build "${BUILD_LIMIT:-300}" bash -c build || { echo "gpu_check.sh: build failed"; report; exit 1; }
+else
+    stage installed 60 bash -c installed || { echo "gpu_check.sh: pconv_cuda is not installed"; report; exit 1; }
+fi
 
 export PYTHONUNBUFFERED=1
 # The tests of the CUDA backends (and those that take no backend: model, examples, export) unless
@@ -112,41 +128,47 @@ if [ -z "${PYTEST_ARGS+x}" ]; then
 fi
 export GPU_CHECK_OUTCOMES=$OUTCOMES
 # shellcheck disable=SC2086
-stage tests "${TESTS_LIMIT:-270}" bash -c "OMP_NUM_THREADS=1 PYTHONPATH='$ROOT/scripts' '$PY' -P -m pytest -v -rfE \
-    -p no:cacheprovider -p gpu_check_report --continue-on-collection-errors ${PYTEST_ARGS} > '$RESULTS/tests.log' 2>&1; rc=\$?;
+has tests && stage tests "${TESTS_LIMIT:-270}" bash -c "OMP_NUM_THREADS=1 PYTHONPATH='$ROOT/scripts' \
+    '$PY' -P -m pytest -v -rfE -p no:cacheprovider -p gpu_check_report --continue-on-collection-errors \
+    ${PYTEST_ARGS} > '$RESULTS/tests.log' 2>&1; rc=\$?;
     grep -E '(FAILED|ERROR) ' '$RESULTS/tests.log' | head -n 80; tail -n 30 '$RESULTS/tests.log'; exit \$rc"
 # Benchmarks, most wanted first (the deadline skips the last ones): the GPU time of each layer from CUDA-graph
 # replays, which the cudnn_fused route is judged by (docs/architecture.md, Routes), with NVIDIA's layer and the peer
 # under torch.compile; the U-Net on that route; then the eager per-layer tables, host overhead, fp32 U-Net, 3-D.
-stage "bench GPU time bfloat16" "${BENCH_LIMIT:-150}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
-    --batch 1 8 --masks single --dtype bfloat16 --channels-last --cuda-routes aten_conv cudnn_fused --compile default \
-    --json "$RESULTS/bench_cuda_graph_bfloat16_cl.json" --markdown "$RESULTS/bench_cuda_graph_bfloat16_cl.md" \
-    --plot "$RESULTS/bench_cuda_graph_bfloat16_cl.png"
-stage "bench U-Net bf16 channels_last cudnn_fused" "${BENCH_LIMIT:-90}" "$PY" benchmarks/bench_model.py --device cuda \
-    --batch 1 8 --repeats 5 --cuda-graphs --dtype bfloat16 --channels-last --cuda-route cudnn_fused --compile \
-    --modes infer --json "$RESULTS/bench_model_cuda_bf16_cl_fused.json"
-stage "bench GPU time float32 (TF32)" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
-    --batch 1 8 --masks single --channels-last --cuda-routes aten_conv cudnn_fused \
-    --json "$RESULTS/bench_cuda_graph_float32_cl.json" --markdown "$RESULTS/bench_cuda_graph_float32_cl.md" \
-    --plot "$RESULTS/bench_cuda_graph_float32_cl.png"
-stage "bench float32" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
-    --json "$RESULTS/bench_cuda_float32.json" --markdown "$RESULTS/bench_cuda_float32.md" \
-    --plot "$RESULTS/bench_cuda_float32.png"
-stage "bench host overhead" "${BENCH_LIMIT:-45}" "$PY" benchmarks/overhead.py --devices cuda \
-    --json "$RESULTS/overhead_cuda.json"
-stage "bench U-Net" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 \
-    --cuda-graphs --json "$RESULTS/bench_model_cuda.json"
-stage "bench GPU time 512 px" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
-    --image 512 --layer-size 8 --batch 8 --masks single --dtype bfloat16 --channels-last \
-    --cuda-routes aten_conv cudnn_fused --json "$RESULTS/bench_cuda_graph_512.json" \
-    --markdown "$RESULTS/bench_cuda_graph_512.md"
-stage "bench bfloat16 channels_last" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
-    --dtype bfloat16 --channels-last --cuda-routes aten_conv cudnn_fused --json "$RESULTS/bench_cuda_bfloat16_cl.json" \
-    --markdown "$RESULTS/bench_cuda_bfloat16_cl.md"
-stage "bench bfloat16" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 --dtype bfloat16 \
-    --json "$RESULTS/bench_cuda_bfloat16.json" --markdown "$RESULTS/bench_cuda_bfloat16.md"
-stage "bench 3-D" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --dims 3 --devices cuda --batch 1 4 \
-    --cuda-routes aten_conv --json "$RESULTS/bench_cuda_3d.json" --markdown "$RESULTS/bench_cuda_3d.md"
+benchmarks() {
+    stage "bench GPU time bfloat16" "${BENCH_LIMIT:-150}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
+        --batch 1 8 --masks single --dtype bfloat16 --channels-last --cuda-routes aten_conv cudnn_fused \
+        --compile default \
+        --json "$RESULTS/bench_cuda_graph_bfloat16_cl.json" --markdown "$RESULTS/bench_cuda_graph_bfloat16_cl.md" \
+        --plot "$RESULTS/bench_cuda_graph_bfloat16_cl.png"
+    stage "bench U-Net bf16 channels_last cudnn_fused" "${BENCH_LIMIT:-90}" "$PY" benchmarks/bench_model.py \
+        --device cuda --batch 1 8 --repeats 5 --cuda-graphs --dtype bfloat16 --channels-last --cuda-route cudnn_fused \
+        --compile \
+        --modes infer --json "$RESULTS/bench_model_cuda_bf16_cl_fused.json"
+    stage "bench GPU time float32 (TF32)" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
+        --batch 1 8 --masks single --channels-last --cuda-routes aten_conv cudnn_fused \
+        --json "$RESULTS/bench_cuda_graph_float32_cl.json" --markdown "$RESULTS/bench_cuda_graph_float32_cl.md" \
+        --plot "$RESULTS/bench_cuda_graph_float32_cl.png"
+    stage "bench float32" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
+        --json "$RESULTS/bench_cuda_float32.json" --markdown "$RESULTS/bench_cuda_float32.md" \
+        --plot "$RESULTS/bench_cuda_float32.png"
+    stage "bench host overhead" "${BENCH_LIMIT:-45}" "$PY" benchmarks/overhead.py --devices cuda \
+        --json "$RESULTS/overhead_cuda.json"
+    stage "bench U-Net" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench_model.py --device cuda --batch 1 8 --repeats 5 \
+        --cuda-graphs --json "$RESULTS/bench_model_cuda.json"
+    stage "bench GPU time 512 px" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --gpu-time \
+        --image 512 --layer-size 8 --batch 8 --masks single --dtype bfloat16 --channels-last \
+        --cuda-routes aten_conv cudnn_fused --json "$RESULTS/bench_cuda_graph_512.json" \
+        --markdown "$RESULTS/bench_cuda_graph_512.md"
+    stage "bench bfloat16 channels_last" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
+        --dtype bfloat16 --channels-last --cuda-routes aten_conv cudnn_fused \
+        --json "$RESULTS/bench_cuda_bfloat16_cl.json" --markdown "$RESULTS/bench_cuda_bfloat16_cl.md"
+    stage "bench bfloat16" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 --dtype bfloat16 \
+        --json "$RESULTS/bench_cuda_bfloat16.json" --markdown "$RESULTS/bench_cuda_bfloat16.md"
+    stage "bench 3-D" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --dims 3 --devices cuda --batch 1 4 \
+        --cuda-routes aten_conv --json "$RESULTS/bench_cuda_3d.json" --markdown "$RESULTS/bench_cuda_3d.md"
+}
+has bench && benchmarks
 
 report || failed+=("report (rc $?)")
 echo "=== times"
