@@ -491,8 +491,11 @@ def _faults(r: Row) -> str:
 
 
 def commit() -> str:
-    """The checkout's commit (with '+changes' when the tree differs from it), or '' outside a git checkout."""
+    """The checkout's commit (with '+changes' when the tree differs from it), or '' outside a git checkout;
+    PCONV_COMMIT names it for a copy of the tree without its .git (a lent GPU machine's)."""
     import subprocess
+    if os.environ.get("PCONV_COMMIT"):
+        return os.environ["PCONV_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

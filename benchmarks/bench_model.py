@@ -45,7 +45,7 @@ from pconv_cuda import reference
 from pconv_cuda.inpainting import InpaintingLoss, IrregularMaskGenerator, PConvUNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import captured  # noqa: E402  (a call captured in a CUDA graph, shared with the per-layer benchmark)
+from bench import captured, commit  # noqa: E402  (shared with the per-layer benchmark)
 
 
 class PlainConv2d(torch.nn.Conv2d):
@@ -197,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             print(_row_line(row, fused_available), flush=True)
 
     env = {
-        "torch": torch.__version__, "device": str(device),
+        "torch": torch.__version__, "commit": commit(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "layer_size": args.layer_size, "base_channels": args.base_channels,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -180,16 +179,7 @@ def _stages(path: Path) -> List[dict]:
 
 
 def _env() -> dict:
-    env = {"python": sys.version.split()[0]}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=False, cwd=Path(__file__).resolve().parent).stdout.strip()
-        env["commit"] = commit + ("+uncommitted changes" if dirty else "") if commit else "unknown (no git)"
-    except OSError:
-        env["commit"] = "unknown (no git)"
-    env["commit"] = os.environ.get("GPU_CHECK_COMMIT", env["commit"])
+    env = {"python": sys.version.split()[0], "commit": os.environ.get("PCONV_COMMIT", "unknown")}
     try:
         import torch
 
@@ -200,6 +190,10 @@ def _env() -> dict:
             env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                        capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count)
         try:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+            from bench import commit  # the checkout's commit, '+changes' when the tree differs
+
+            env["commit"] = commit() or env["commit"]
             from pconv_cuda import routes
 
             env["cudnn_fused"] = routes.cudnn_fused_status() or "built"
