@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="also the reference network under torch.compile (reference_compiled)")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's choice)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the whole measurement in this many fresh processes, one after another, and report the "
+                        "median over them of each process's medians and ratios (on a CPU VM the placement of a "
+                        "process's buffers moves a ratio by more than the repeats inside one process do)")
     p.add_argument("--json", type=Path, help="write the results here")
     return p
 
@@ -124,6 +128,8 @@ def _case_fn(
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
+    if args.processes > 1:
+        return _over_processes(args, list(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -209,6 +215,49 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     print()
     print(format_table(rows, fused_available))
     print(f"\n{env}")
+    result = {"env": env, "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _over_processes(args: argparse.Namespace, argv: List[str]) -> Dict[str, object]:
+    """`--processes N`: the same command in N fresh processes in turn; each row's times and ratios are the median
+    over the processes of that process's values (memory is the same in each), with the per-process ratios kept."""
+    import subprocess
+    import tempfile
+    rest, skip = [], False
+    for a in argv:  # this command's arguments without --processes and --json (and their values)
+        if skip:
+            skip = False
+        elif a in ("--processes", "--json"):
+            skip = True
+        elif not a.startswith(("--processes=", "--json=")):
+            rest.append(a)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = Path(tmp) / f"{i}.json"
+            print(f"process {i + 1} of {args.processes}", flush=True)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest, "--json", str(out)], check=True)
+            results.append(json.loads(out.read_text()))
+    rows = []
+    for per_process in zip(*(r["rows"] for r in results)):
+        row = dict(per_process[0])
+        for key, value in per_process[0].items():
+            if isinstance(value, float):
+                row[key] = statistics.median(r[key] for r in per_process)
+            elif key.endswith("_all_ms"):
+                row[key] = [r[key.replace("_all_ms", "_ms")] for r in per_process]  # each process's median
+        for key in [k for k in row if "_over_" in k or k == "speedup"]:
+            row[f"{key}_per_process"] = [r[key] for r in per_process]
+        rows.append(row)
+        print(_row_line(row, "fused_over_plain" in row))
+    env = dict(results[0]["env"], processes=args.processes)
+    fused_available = bool(env.get("fused_available"))
+    print()
+    print(format_table(rows, fused_available))
     result = {"env": env, "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ evaluate."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,22 @@ def test_bench_model_runs(tmp_path):
     assert "| case | batch |" in bench.format_table(result["rows"], saved["env"]["fused_available"])
     with pytest.raises(SystemExit, match="--cuda-graphs needs --device cuda"):
         bench.main(["--cuda-graphs", "--device", "cpu"])
+
+
+def test_bench_model_over_processes(tmp_path):
+    # --processes: each row is the median over fresh processes of their own medians and ratios.
+    bench = load_example("benchmarks/bench_model.py")
+    out = tmp_path / "bench.json"
+    bench.main(["--size", "32", "--layer-size", "3", "--base-channels", "4", "--batch", "1", "--repeats", "1",
+                "--warmup", "0", "--device", "cpu", "--modes", "infer", "--variants", "plain", "fused",
+                "--processes", "3", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["env"]["processes"] == 3
+    (row,) = saved["rows"]
+    assert len(row["plain_all_ms"]) == 3 and row["plain_ms"] == statistics.median(row["plain_all_ms"])
+    if saved["env"]["fused_available"]:
+        assert len(row["fused_over_plain_per_process"]) == 3
+        assert row["fused_over_plain"] == statistics.median(row["fused_over_plain_per_process"])
 
 
 def test_plain_conv_baseline_passes_the_mask_along():
