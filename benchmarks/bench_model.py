@@ -8,6 +8,7 @@ convolution is held to), in the same process.
     python benchmarks/bench_model.py                       # 256x256, layer_size 7, batch 1 and 4
     python benchmarks/bench_model.py --json bench_model.json --repeats 5
     python benchmarks/bench_model.py --cuda-graphs         # also inference replayed from a CUDA graph
+    python benchmarks/bench_model.py --processes 5         # medians over 5 fresh processes (CPU VMs)
 
 Runs are interleaved (plain, reference, fused, plain, ...) after warm-up runs, so drifting clocks and caches hit
 all alike; the table gives the median of each, the speed-up = reference / fused and fused / plain. The VGG16 of the
