@@ -121,7 +121,7 @@ export PYTHONUNBUFFERED=1
 # xdist worker: 16 workers x 16 threads made CPU gradchecks overrun their timeout. scripts/gpu_check_report.py
 # records each verdict as it comes (a run stopped at its limit still counts what ran), -v names them in tests.log.
 export PCONV_TEST_BACKENDS=${PCONV_TEST_BACKENDS-cuda-aten_conv,cuda-gemm,cuda-cudnn_fused}
-if [ -z "${PYTEST_ARGS+x}" ]; then
+if has tests && [ -z "${PYTEST_ARGS+x}" ]; then
     PYTEST_ARGS=""
     "$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n $(nproc)"
     "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS="$PYTEST_ARGS --timeout 120"

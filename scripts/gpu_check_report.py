@@ -133,8 +133,8 @@ def _tests(outcomes: Path) -> dict:
 
 
 def _ratios(rows: List[dict]) -> Dict[str, float]:
-    """Median of every '*_over_*' ratio and every '*_ms' / '*_us' time over a benchmark's rows, grouped by the
-    rows' route/device, pass and mode where they have them."""
+    """Median of every '*_over_*' ratio and speed-up over a benchmark's rows, grouped by the rows' route/device,
+    mode, pass, mask and batch where they have them."""
     groups: Dict[str, Dict[str, List[float]]] = {}
     for row in rows:
         tag = " ".join(str(row[k]) for k in ("device", "mode", "pass", "mask", "batch") if k in row)
@@ -150,15 +150,13 @@ def _benchmarks(results: Path, since: float) -> Dict[str, dict]:
     an earlier run is never reported as this run's."""
     out = {}
     for f in sorted(results.glob("*.json")):
-        if f.name == "gpu_check.json" or f.stat().st_mtime < since:
+        if not f.name.startswith(("bench_cuda", "bench_model_cuda", "overhead_cuda")) or f.stat().st_mtime < since:
             continue
         try:
             d = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         if not isinstance(d, dict) or not isinstance(d.get("rows"), list):
-            continue
-        if not f.name.startswith(("bench_cuda", "bench_model_cuda", "overhead_cuda")):
             continue
         entry = {"medians": _ratios(d["rows"])}
         for key in ("summary", "peer_summary"):
@@ -189,16 +187,16 @@ def _env() -> dict:
             p = torch.cuda.get_device_properties(0)
             env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                        capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count)
-        try:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-            from bench import commit  # the checkout's commit, '+changes' when the tree differs
-
-            env["commit"] = commit() or env["commit"]
+        try:  # the report is written whatever the build left
             from pconv_cuda import routes
 
             env["cudnn_fused"] = routes.cudnn_fused_status() or "built"
-        except Exception as e:  # noqa: BLE001  (the report is written whatever the build left)
-            env["cudnn_fused"] = f"pconv_cuda not importable: {e}"
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+            from bench import commit  # the checkout's commit, '+changes' when the tree differs (imports pconv_cuda)
+
+            env["commit"] = commit() or env["commit"]
+        except Exception as e:  # noqa: BLE001
+            env.setdefault("cudnn_fused", f"pconv_cuda not importable: {e}")
     except ImportError:
         env["torch"] = None
     return env
