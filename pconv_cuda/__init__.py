@@ -1,8 +1,8 @@
 """pconv_cuda: fused partial convolution (Liu et al. 2018) for PyTorch.
 
 ``PartialConv2d`` and ``PartialConv3d`` (drop-ins for NVIDIA's layers), ``PartialConv1d``,
-``functional.partial_conv2d`` / ``partial_conv3d`` / ``partial_conv1d``, ``mask_update`` and ``PartialConv2dFunction``
-run the ``torch.ops.pconv_cuda.*`` ops; ``reference`` is the unfused pure-PyTorch oracle.
+``functional.partial_conv2d`` / ``partial_conv3d`` / ``partial_conv1d``, ``mask_update``, ``masked_cat`` and
+``PartialConv2dFunction`` run the ``torch.ops.pconv_cuda.*`` ops; ``reference`` is the unfused pure-PyTorch oracle.
 """
 import torch
 
@@ -29,10 +29,10 @@ _load_extension()
 
 from pconv_cuda import ops  # noqa: E402,F401  (fake kernels, autograd, autocast)
 from pconv_cuda import functional, reference, routes  # noqa: E402,F401
-from pconv_cuda.functional import (PartialConv2dFunction, mask_update, partial_conv1d, partial_conv2d,  # noqa: E402,F401
-                                   partial_conv3d)
+from pconv_cuda.functional import (PartialConv2dFunction, mask_update, masked_cat, partial_conv1d,  # noqa: E402,F401
+                                   partial_conv2d, partial_conv3d)
 from pconv_cuda.modules import PartialConv1d, PartialConv2d, PartialConv3d  # noqa: E402,F401
 
 __version__ = "0.1.0"
 __all__ = ["PartialConv1d", "PartialConv2d", "PartialConv3d", "PartialConv2dFunction", "partial_conv1d",
-           "partial_conv2d", "partial_conv3d", "mask_update", "functional", "reference", "routes"]
+           "partial_conv2d", "partial_conv3d", "mask_update", "masked_cat", "functional", "reference", "routes"]

@@ -70,6 +70,7 @@ def partial_conv2d(
     groups: int = 1,
     multi_channel: bool = False,
     mask_groups: Optional[Sequence[int]] = None,
+    input_masked: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Partial convolution (Liu et al. 2018). Returns ``(output, updated_mask)``.
 
@@ -89,8 +90,14 @@ def partial_conv2d(
     e.g. a U-Net skip link's ``torch.cat([up_mask, skip_mask], 1)`` with ``mask_groups=(c_up, c_skip)``. A
     multi-channel mask that is one map expanded over the channels (stride 0, ``m.expand(-1, C_in, -1, -1)``) is
     taken as one group without a copy.
+
+    ``input_masked=True``: ``input`` already is ``X * mask`` with exact zeros in the holes, as :func:`masked_cat`
+    forms it (say, writing a skip link's concatenation masked, in one pass): the mask is read only for ``S``, the
+    input is convolved as it is, and its gradient is the convolution's, not zeroed in the holes (``masked_cat``'s
+    backward does that). Values in the holes then do matter: they must be zero.
     """
-    return _partial_conv(2, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups)
+    return _partial_conv(2, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups,
+                         input_masked)
 
 
 def partial_conv3d(
@@ -104,6 +111,7 @@ def partial_conv3d(
     groups: int = 1,
     multi_channel: bool = False,
     mask_groups: Optional[Sequence[int]] = None,
+    input_masked: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """3-D partial convolution (video, volumes). Returns ``(output, updated_mask)``.
 
@@ -111,9 +119,20 @@ def partial_conv3d(
     ``mask`` (N or 1, 1, D, H, W), or (N or 1, C_in, D, H, W) with ``multi_channel=True``, or ``None``; stride,
     padding and dilation are an int or three ints. S is the window sum over (kd, kh, kw), ``win = kd*kh*kw``
     (``C_in*kd*kh*kw`` multi-channel); ``updated_mask`` is (N_mask, 1, D', H', W'). Same semantics, dtypes,
-    ``mask_groups`` and autograd paths as the 2-D call.
+    ``mask_groups``, ``input_masked`` and autograd paths as the 2-D call.
     """
-    return _partial_conv(3, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups)
+    return _partial_conv(3, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups,
+                         input_masked)
+
+
+def _static_bool(value) -> bool:
+    """A flag argument as a bool. The TorchScript ONNX exporter hands a module's default arguments to its forward as
+    tensors, constants of the trace (and warns when one is read)."""
+    if type(value) is bool:
+        return value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return bool(value)
 
 
 def _mask_groups(value) -> Optional[Tuple[int, ...]]:
@@ -134,14 +153,14 @@ def _mask_groups(value) -> Optional[Tuple[int, ...]]:
 
 
 def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
-                  mask_groups=None):
+                  mask_groups=None, input_masked=False):
     stride_ = _ntuple(stride, dims, "stride")
     dilation_ = _ntuple(dilation, dims, "dilation")
     padding_ = resolve_padding(padding, tuple(weight.shape[2:2 + dims]), dilation_, stride_)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
     args = (input, mask, weight, bias, stride_, padding_, dilation_, groups, bool(multi_channel),
-            _mask_groups(mask_groups))
+            _mask_groups(mask_groups), _static_bool(input_masked))
     if _needs_function():
         run = _onnx_lowering().partial_conv_as_torch_ops if _in_onnx_export() else PartialConv2dFunction.apply
     elif _tracing_state() is not None and _in_onnx_export():  # the TorchScript exporter
@@ -204,13 +223,14 @@ def partial_conv1d(
     groups: int = 1,
     multi_channel: bool = False,
     mask_groups: Optional[Sequence[int]] = None,
+    input_masked: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """1-D partial convolution: :func:`partial_conv2d` on a height-1 view. Returns ``(output, updated_mask)``.
 
     ``input`` is (N, C_in, L), ``weight`` (C_out, C_in / groups, k), ``mask`` (N or 1, 1, L), or (N or 1, C_in, L)
     with ``multi_channel=True`` (or (N or 1, G, L) with ``mask_groups``), or ``None``. A window of height 1 with no vertical padding covers the one row, so S,
     ``win = k`` (``C_in*k`` multi-channel), ratio and U are exactly the 1-D ones; ``updated_mask`` is
-    (N_mask, 1, L'). Same ops, same backward, same dtypes and autograd paths as the 2-D call.
+    (N_mask, 1, L'). Same ops, same backward, same dtypes, ``input_masked`` and autograd paths as the 2-D call.
     """
     if input.dim() != 3:
         raise ValueError(f"partial_conv1d: input must be a 3-D tensor (N, C_in, L), got shape {list(input.shape)}")
@@ -229,8 +249,34 @@ def partial_conv1d(
         padding_ = (0, _single(padding, "padding"))
     output, updated_mask = partial_conv2d(input.unsqueeze(2), None if mask is None else mask.unsqueeze(2),
                                           weight.unsqueeze(2), bias, (1, stride_), padding_, (1, dilation_), groups,
-                                          multi_channel, mask_groups)
+                                          multi_channel, mask_groups, input_masked)
     return output.squeeze(2), updated_mask.squeeze(2)
+
+
+def masked_cat(inputs: Sequence[Tensor], mask: Tensor, mask_groups: Optional[Sequence[int]] = None) -> Tensor:
+    """``torch.cat(inputs, 1) * mask`` with exact zeros in the holes, in one pass that never forms the
+    concatenation: the input of a partial convolution called with ``input_masked=True`` and the same mask.
+
+    ``inputs`` are (N, C_i, H, W) (or (N, C_i, D, H, W)) of one floating dtype and device; ``mask`` is (N or 1, G,
+    H, W) over their ``C = sum(C_i)`` channels as a multi-channel partial convolution takes it: one map for every
+    channel (G = 1), one per channel (G = C), or with ``mask_groups`` G maps of which map g covers the next
+    ``mask_groups[g]`` channels; in the inputs' dtype, bool or uint8, values in [0, 1]. The gradient of each input is
+    ``mask * grad`` (0 in holes); the mask gets none. A U-Net skip link::
+
+        maps = torch.cat([up_mask, skip_mask], 1)                          # two maps, not C channels
+        groups = (up.shape[1], skip.shape[1])
+        xm = masked_cat([up, skip], maps, groups)
+        out, new_mask = partial_conv2d(xm, maps, weight, ..., multi_channel=True, mask_groups=groups,
+                                       input_masked=True)
+    """
+    if isinstance(inputs, Tensor) or not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"masked_cat: inputs must be a list or tuple of tensors, got {type(inputs).__name__}")
+    groups = _mask_groups(mask_groups)
+    if (_needs_function() or _tracing_state() is not None) and _in_onnx_export():
+        return _onnx_lowering().masked_cat_as_torch_ops(inputs, mask, groups)
+    if _needs_function():  # torch.compile, torch.func: the same maths in differentiable torch operations
+        return ops.masked_cat_as_torch_ops(inputs, mask, groups)
+    return torch.ops.pconv_cuda.masked_cat(list(inputs), mask, groups)
 
 
 def mask_update(
@@ -267,7 +313,7 @@ class PartialConv2dFunction(torch.autograd.Function):
     :func:`partial_conv3d`: a 5-D input runs the 3-D op).
 
     ``PartialConv2dFunction.apply(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
-    mask_groups=None)`` returns the op's four outputs ``(output, updated_mask, ratio, masked_input)``: ratio and masked_input (X*M, an
+    mask_groups=None, input_masked=False)`` returns the op's four outputs ``(output, updated_mask, ratio, masked_input)``: ratio and masked_input (X*M, an
     empty tensor for ``mask=None``) are what the backward keeps; only ``output`` and ``masked_input`` carry
     gradients. ``stride``, ``padding`` and ``dilation`` are (h, w) pairs ((d, h, w) for a 5-D input). It has ``setup_context`` and a generated
     vmap rule, so torch.func transforms (grad, vjp, jacrev, vmap) apply; :func:`partial_conv2d` runs through it
@@ -277,9 +323,10 @@ class PartialConv2dFunction(torch.autograd.Function):
     generate_vmap_rule = True  # vmap runs forward under vmap (the op's batched fallback) and derives the rest
 
     @staticmethod
-    def forward(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None):
+    def forward(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None,
+                input_masked=False):
         return _run_op(*_normalised(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
-                                    mask_groups))
+                                    mask_groups, input_masked))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -288,19 +335,22 @@ class PartialConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, grad_updated, grad_ratio, grad_masked_input):
         grad_input, grad_weight, grad_bias = ops.input_grads(ctx, grad_output, grad_masked_input)
-        return grad_input, None, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, None, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _normalised(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None):
+def _normalised(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None,
+                input_masked=False):
     n = input.dim() - 2
     return (input, mask, weight, bias, _ntuple(stride, n, "stride"), _ntuple(padding, n, "padding"),
-            _ntuple(dilation, n, "dilation"), groups, bool(multi_channel), _mask_groups(mask_groups))
+            _ntuple(dilation, n, "dilation"), groups, bool(multi_channel), _mask_groups(mask_groups),
+            bool(input_masked))
 
 
-def _run_op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups):
+def _run_op(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups,
+            input_masked):
     """The op, inside an autograd.Function's forward, which records the graph itself."""
     op = _op(input.dim() - 2)
-    args = (input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups)
+    args = (input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups, input_masked)
     if torch.compiler.is_compiling():
         return op(*args)
     # Skip the op's own autograd kernel (what that kernel does itself once it has decided not to record).
@@ -310,9 +360,9 @@ def _run_op(input, mask, weight, bias, stride, padding, dilation, groups, multi_
 
 def _save(ctx, inputs, output) -> None:
     # The op's own autograd registration (pconv_cuda.ops) does the same: one backward for every path.
-    input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups = inputs
+    input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups, input_masked = inputs
     _, updated_mask, ratio, masked_input = output
     ops.save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input,
-                          (stride, padding, dilation, groups, multi_channel), mask_groups)
+                          (stride, padding, dilation, groups, multi_channel), mask_groups, input_masked)
     ctx.mark_non_differentiable(updated_mask, ratio)
     ctx.set_materialize_grads(False)

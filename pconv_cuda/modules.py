@@ -29,11 +29,14 @@ class _PartialConv:
         # Resolved once: 'same' / 'valid' become the symmetric padding the functional form takes.
         self._op_padding = resolve_padding(self.padding, self.kernel_size, self.dilation, self.stride)
 
-    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None, mask_groups: Optional[Sequence[int]] = None):
+    def forward(self, input: Tensor, mask_in: Optional[Tensor] = None, mask_groups: Optional[Sequence[int]] = None,
+                input_masked: bool = False):
         """``mask_groups`` (multi-channel layers): ``mask_in`` has G maps, map g covering the next
-        ``mask_groups[g]`` input channels, as the functional form describes."""
+        ``mask_groups[g]`` input channels; ``input_masked=True``: ``input`` already is X * mask (zero in holes, as
+        :func:`pconv_cuda.functional.masked_cat` forms it). As the functional form describes."""
         output, updated_mask = self._functional(input, mask_in, self.weight, self.bias, self.stride, self._op_padding,
-                                                self.dilation, self.groups, self.multi_channel, mask_groups)
+                                                self.dilation, self.groups, self.multi_channel, mask_groups,
+                                                input_masked)
         return self._returned(input, mask_in, output, updated_mask)
 
     def _returned(self, input: Tensor, mask_in: Optional[Tensor], output: Tensor, updated_mask: Tensor):
@@ -52,9 +55,10 @@ class PartialConv2d(_PartialConv, nn.Conv2d):
     """Drop-in replacement for NVIDIA's ``PartialConv2d`` on the fused op.
 
     A subclass of ``nn.Conv2d`` with the same parameters, so a state_dict of an ``nn.Conv2d`` or of NVIDIA's layer
-    loads unchanged. ``forward(input, mask_in=None, mask_groups=None)`` returns the output, or
+    loads unchanged. ``forward(input, mask_in=None, mask_groups=None, input_masked=False)`` returns the output, or
     ``(output, updated_mask)`` with ``return_mask=True``; ``mask_groups`` (with ``multi_channel=True``) gives
-    ``mask_in`` as G maps of channel groups (:func:`pconv_cuda.functional.partial_conv2d`). The updated mask has NVIDIA's shape: (N_mask, 1, H', W') for a single-channel mask,
+    ``mask_in`` as G maps of channel groups, ``input_masked`` says the input already is X * mask
+    (:func:`pconv_cuda.functional.partial_conv2d`). The updated mask has NVIDIA's shape: (N_mask, 1, H', W') for a single-channel mask,
     (N, C_out, H', W') with ``multi_channel=True`` (an expanded view: every channel is the same map).
     ``mask_in=None`` means no holes: only the borders are renormalised (computed in closed form each call; no mask
     is read and nothing carries over between calls).

@@ -179,7 +179,7 @@ def _cast(b: _Builder, value, from_: int, to: int):
 
 
 def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
-                        mask_groups: Optional[Sequence[int]] = None):
+                        mask_groups: Optional[Sequence[int]] = None, input_masked: bool = False):
     """(output, updated_mask, ratio, masked_input) of pconv_cuda::partial_conv2d or partial_conv3d (by the
     weight's rank) in ONNX operators."""
     w_shape = b.shape(weight)
@@ -191,19 +191,12 @@ def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding,
     s, win, acc = _window_sum(b, input, mask, kernel, stride, padding, dilation, multi_channel, c_in, mask_groups)
     ratio, update = _ratio_and_update(b, s, win, acc)
 
-    if mask is None:
+    if mask is None or input_masked:  # X convolved as it is (input_masked: it is X*M already)
         conv_in = input
-        masked_input = b.const(np.zeros((0,), np.float32))  # the op returns an empty tensor for mask=None
+        masked_input = b.const(np.zeros((0,), np.float32))  # the op returns an empty tensor then
         masked_input = _cast(b, masked_input, _FLOAT, x_dtype)
     else:
-        # X*M as a select, so that NaN / inf stored in a hole never reaches the output.
-        m = _cast(b, mask, b.dtype(mask), x_dtype)
-        if mask_groups is not None and 1 < len(mask_groups) < c_in:
-            # Each channel's map (one map broadcasts as it is; one per channel is the mask itself).
-            index = np.repeat(np.arange(len(mask_groups), dtype=np.int64), list(mask_groups))
-            m = b.op("Gather", m, b.const(index), axis=1)
-        zero = _cast(b, b.const(np.array(0, np.float32)), _FLOAT, x_dtype)
-        conv_in = b.op("Where", b.op("Equal", m, zero), zero, b.op("Mul", input, m))
+        conv_in = _hole_select(b, input, mask, mask_groups, c_in, x_dtype)
         masked_input = conv_in
     raw = b.op("Conv", conv_in, weight, strides=list(stride), pads=list(padding) * 2, dilations=list(dilation),
                group=groups, kernel_shape=list(kernel))
@@ -215,6 +208,26 @@ def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding,
         out = b.op("Add", out, b.op("Mul", b4, update))
     out = _cast(b, out, acc, x_dtype)
     return out, _cast(b, update, acc, x_dtype), ratio, masked_input
+
+
+def _hole_select(b: _Builder, x, mask, mask_groups: Optional[Sequence[int]], channels: int, x_dtype: int):
+    """X*M as a select, so that NaN / inf stored in a hole never reaches the output; channel c reads its map."""
+    m = _cast(b, mask, b.dtype(mask), x_dtype)
+    if mask_groups is not None and 1 < len(mask_groups) < channels:
+        # Each channel's map (one map broadcasts as it is; one per channel is the mask itself).
+        index = np.repeat(np.arange(len(mask_groups), dtype=np.int64), list(mask_groups))
+        m = b.op("Gather", m, b.const(index), axis=1)
+    zero = _cast(b, b.const(np.array(0, np.float32)), _FLOAT, x_dtype)
+    return b.op("Where", b.op("Equal", m, zero), zero, b.op("Mul", x, m))
+
+
+def _lower_masked_cat(b: _Builder, inputs: Sequence, mask, mask_groups: Optional[Sequence[int]] = None):
+    """pconv_cuda::masked_cat: Concat over channels, then the hole select with each channel's map."""
+    shapes = [b.shape(t) for t in inputs]
+    if any(s is None or len(s) < 2 or s[1] is None for s in shapes):
+        raise RuntimeError("pconv_cuda ONNX export: masked_cat needs its inputs' channel counts (static)")
+    x = inputs[0] if len(inputs) == 1 else b.op("Concat", *inputs, axis=1)
+    return _hole_select(b, x, mask, mask_groups, sum(s[1] for s in shapes), b.dtype(inputs[0]))
 
 
 def _lower_mask_update(b: _Builder, mask, kernel_size, stride, padding, dilation, multi_channel,
@@ -304,7 +317,8 @@ class _TorchBuilder(_Builder):
         return _Shape(data[int(starts[0]):int(ends[0])])
 
     def _Concat(self, *inputs, axis):
-        assert axis == 0
+        if axis != 0:  # tensors (masked_cat's inputs); axis 0 joins Shape values
+            return torch.cat([self._tensor(v) for v in inputs], axis)
         return _Shape(s for v in inputs for s in (v if isinstance(v, _Shape) else (int(i) for i in v)))
 
     def _ConstantOfShape(self, shape, value):
@@ -348,13 +362,18 @@ class _TorchBuilder(_Builder):
 
 
 def partial_conv_as_torch_ops(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
-                              mask_groups=None):
+                              mask_groups=None, input_masked=False):
     """``pconv_cuda::partial_conv2d`` / ``partial_conv3d``'s four outputs (by the weight's rank) computed by the ONNX
     lowering in torch operations: what the functional forms run under ``torch.onnx.export``."""
     b = _TorchBuilder(input)
     outputs = _lower_partial_conv(b, input, mask, weight, bias, list(stride), list(padding), list(dilation),
-                                  int(groups), bool(multi_channel), _groups_list(mask_groups))
+                                  int(groups), bool(multi_channel), _groups_list(mask_groups), bool(input_masked))
     return tuple(b._tensor(v) for v in outputs)  # (masked_input for mask=None is a constant)
+
+
+def masked_cat_as_torch_ops(inputs, mask, mask_groups=None):
+    """``pconv_cuda::masked_cat`` by the ONNX lowering in torch operations."""
+    return _lower_masked_cat(_TorchBuilder(mask), list(inputs), mask, _groups_list(mask_groups))
 
 
 def mask_update_as_torch_ops(mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups=None):
@@ -370,9 +389,14 @@ def _groups_list(mask_groups) -> Optional[List[int]]:
 
 
 def _onnxscript_partial_conv(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
-                             mask_groups=None):
+                             mask_groups=None, input_masked=False):
     return _lower_partial_conv(_OnnxScriptBuilder(), input, mask, weight, bias, list(stride), list(padding),
-                                 list(dilation), int(groups), bool(multi_channel), _groups_list(mask_groups))
+                               list(dilation), int(groups), bool(multi_channel), _groups_list(mask_groups),
+                               bool(input_masked))
+
+
+def _onnxscript_masked_cat(inputs, mask, mask_groups=None):
+    return _lower_masked_cat(_OnnxScriptBuilder(), list(inputs), mask, _groups_list(mask_groups))
 
 
 def _onnxscript_mask_update(mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups=None):
@@ -389,6 +413,7 @@ def custom_translation_table() -> Dict[Callable, Callable]:
         torch.ops.pconv_cuda.partial_conv2d.default: _onnxscript_partial_conv,
         torch.ops.pconv_cuda.partial_conv3d.default: _onnxscript_partial_conv,
         torch.ops.pconv_cuda.mask_update.default: _onnxscript_mask_update,
+        torch.ops.pconv_cuda.masked_cat.default: _onnxscript_masked_cat,
     }
 
 
@@ -407,14 +432,20 @@ def _optional_ints(value) -> Optional[List[int]]:
 
 
 def _torchscript_partial_conv(g, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
-                              mask_groups=None):
+                              mask_groups=None, input_masked=None):
     from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
 
     return _lower_partial_conv(
         _TorchScriptBuilder(g), input, None if sh._is_none(mask) else mask, weight,
         None if sh._is_none(bias) else bias, _ints(stride), _ints(padding), _ints(dilation),
         int(sh._maybe_get_const(groups, "i")), bool(sh._maybe_get_const(multi_channel, "b")),
-        _optional_ints(mask_groups))
+        _optional_ints(mask_groups), input_masked is not None and bool(sh._maybe_get_const(input_masked, "b")))
+
+
+def _torchscript_masked_cat(g, inputs, mask, mask_groups=None):
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
+
+    return _lower_masked_cat(_TorchScriptBuilder(g), sh._unpack_list(inputs), mask, _optional_ints(mask_groups))
 
 
 def _torchscript_mask_update(g, mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups=None):
@@ -426,12 +457,14 @@ def _torchscript_mask_update(g, mask, kernel_size, stride, padding, dilation, mu
 
 
 def register_torchscript_symbolics(opset_version: int = TORCHSCRIPT_OPSET) -> None:
-    """Registers the symbolics of ``pconv_cuda::partial_conv2d``, ``partial_conv3d`` and ``mask_update`` for
+    """Registers the symbolics of ``pconv_cuda::partial_conv2d``, ``partial_conv3d``, ``mask_update`` and
+    ``masked_cat`` for
     ``torch.onnx.export(..., dynamo=False)`` with ``torch.onnx.register_custom_op_symbolic``; they serve
     ``opset_version`` and later. Idempotent (a second registration replaces the first)."""
     for op in ("partial_conv2d", "partial_conv3d"):
         torch.onnx.register_custom_op_symbolic(f"pconv_cuda::{op}", _torchscript_partial_conv, opset_version)
     torch.onnx.register_custom_op_symbolic("pconv_cuda::mask_update", _torchscript_mask_update, opset_version)
+    torch.onnx.register_custom_op_symbolic("pconv_cuda::masked_cat", _torchscript_masked_cat, opset_version)
 
 
 # Registered on import (it needs torch only), so that a plain torch.onnx.export(..., dynamo=False) works too.

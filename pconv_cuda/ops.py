@@ -16,7 +16,7 @@ from torch._prims_common import suggest_memory_format
 from pconv_cuda import _C  # noqa: F401  (loads the library that defines the schemas)
 
 CONV_OPS = ("partial_conv2d", "partial_conv3d")  # 2 and 3 spatial dimensions; the same flow in csrc
-OPS = CONV_OPS + ("_partial_conv2d_backward", "_partial_conv3d_backward", "mask_update")
+OPS = CONV_OPS + ("_partial_conv2d_backward", "_partial_conv3d_backward", "mask_update", "masked_cat")
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -41,7 +41,8 @@ def _check_devices(op: str, input: Tensor, **others: Optional[Tensor]) -> None:
 def _conv_fake(op: str):
     dims = 3 if op == "partial_conv3d" else 2
 
-    def fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None):
+    def fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None,
+             input_masked=False):
         _check_devices(op, input, mask=mask, weight=weight, bias=bias)
         torch._check(input.dim() == dims + 2, lambda: f"input must be {dims + 2}-D, got {input.dim()}-D")
         torch._check(weight.dim() == dims + 2, lambda: f"weight must be {dims + 2}-D, got {weight.dim()}-D")
@@ -51,7 +52,7 @@ def _conv_fake(op: str):
         output = _empty((input.shape[0], weight.shape[0], *out_sizes), input, input.dtype, fmt)
         updated_mask = _empty((nm, 1, *out_sizes), input, input.dtype)
         ratio = _empty((nm, 1, *out_sizes), input, _ratio_dtype(input.dtype))
-        masked_input = (_empty(input.shape, input, input.dtype, fmt) if mask is not None
+        masked_input = (_empty(input.shape, input, input.dtype, fmt) if mask is not None and not input_masked
                         else _empty((0,), input, input.dtype))
         return output, updated_mask, ratio, masked_input
 
@@ -66,7 +67,7 @@ def _layout(t: Tensor) -> torch.memory_format:
 
 
 def _partial_conv_backward_fake(grad_output, masked_input, mask, weight, ratio, updated_mask, stride, padding,
-                                dilation, groups, multi_channel, output_mask, mask_groups=None):
+                                dilation, groups, multi_channel, output_mask, mask_groups=None, input_masked=False):
     _check_devices("_partial_conv_backward", masked_input, grad_output=grad_output, mask=mask, weight=weight,
                    ratio=ratio, updated_mask=updated_mask)
     input = masked_input
@@ -74,6 +75,14 @@ def _partial_conv_backward_fake(grad_output, masked_input, mask, weight, ratio, 
     grad_weight = _empty(weight.shape, weight, weight.dtype, suggest_memory_format(weight)) if output_mask[1] else None
     grad_bias = _empty((weight.shape[0],), weight, weight.dtype) if output_mask[2] else None
     return grad_input, grad_weight, grad_bias
+
+
+def _masked_cat_fake(inputs, mask, mask_groups=None):
+    torch._check(len(inputs) > 0, lambda: "pconv_cuda::masked_cat: inputs must hold at least one tensor")
+    x = inputs[0]
+    _check_devices("masked_cat", x, mask=mask)
+    shape = (x.shape[0], sum(t.shape[1] for t in inputs), *x.shape[2:])
+    return _empty(shape, x, x.dtype, _layout(x))
 
 
 def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channel, mask_groups=None):
@@ -87,8 +96,9 @@ def _mask_update_fake(mask, kernel_size, stride, padding, dilation, multi_channe
 # same backward in C++ (csrc/common/autograd.h), which eager calls record ------------------------------------------
 
 def save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, masked_input, conv_args,
-                      mask_groups=None) -> None:
-    # The weight gradient needs the convolution's input: X*M as the forward formed it (the input for mask=None),
+                      mask_groups=None, input_masked=False) -> None:
+    # The weight gradient needs the convolution's input: X*M as the forward formed it (the input for mask=None
+    # or input_masked),
     # so the backward never rebuilds it. This keeps one input-sized tensor per layer alive until the backward.
     # Under autocast the op ran on cast copies: the backward takes the input and weight in the dtype it computed in
     # (`updated_mask` has it); autograd casts the gradients back to each leaf's dtype.
@@ -97,11 +107,12 @@ def save_for_backward(ctx, input, mask, weight, bias, ratio, updated_mask, maske
     def as_computed(t):  # (no .to() when the dtype matches: it would hand back the very tensor, an alias)
         return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
 
-    conv_input = as_computed(input) if mask is None else masked_input
+    conv_input = as_computed(input) if mask is None or input_masked else masked_input
     ctx.save_for_backward(conv_input, as_computed(mask), as_computed(weight), ratio, updated_mask)
     ctx.conv_args = conv_args  # (stride, padding, dilation, groups, multi_channel)
     ctx.mask_groups = mask_groups  # the mask's channel groups (None: single- or multi-channel)
     ctx.has_bias = bias is not None
+    ctx.input_masked = input_masked  # the input was X*M already: its producer zeroes the holes of its gradient
 
 
 def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = None
@@ -117,17 +128,19 @@ def input_grads(ctx, grad_output: Tensor, grad_masked_input: Optional[Tensor] = 
     if not any(output_mask):
         return None, None, None
     conv_input, mask, weight, ratio, updated_mask = ctx.saved_tensors
+    hole_mask = None if ctx.input_masked else mask
     if grad_output is None:
         grad_input = grad_weight = grad_bias = None
     elif torch.is_grad_enabled():
         grad_input, grad_weight, grad_bias = _differentiable_grads(
-            grad_output, conv_input, mask, weight, ratio, updated_mask, ctx.conv_args, output_mask, ctx.mask_groups)
+            grad_output, conv_input, hole_mask, weight, ratio, updated_mask, ctx.conv_args, output_mask,
+            ctx.mask_groups)
     else:
         dims = conv_input.dim() - 2
         backward = getattr(torch.ops.pconv_cuda, f"_partial_conv{dims}d_backward").default
         grad_input, grad_weight, grad_bias = backward(grad_output, conv_input, mask, weight, ratio, updated_mask,
-                                                      *ctx.conv_args, output_mask, ctx.mask_groups)
-    if grad_masked_input is not None and mask is not None and output_mask[0]:
+                                                      *ctx.conv_args, output_mask, ctx.mask_groups, ctx.input_masked)
+    if grad_masked_input is not None and hole_mask is not None and output_mask[0]:
         extra = _hole_select(grad_masked_input, mask, ctx.mask_groups)  # d(X*M)/dX = M, exactly 0 in holes
         grad_input = extra if grad_input is None else grad_input + extra
     return grad_input, grad_weight, grad_bias
@@ -138,6 +151,14 @@ def _hole_select(t: Tensor, mask: Tensor, mask_groups: Optional[Sequence[int]] =
     if mask_groups is not None and 1 < m.shape[1] != t.shape[1]:  # G maps to one per channel
         m = torch.cat([m[:, g:g + 1].expand(-1, c, *m.shape[2:]) for g, c in enumerate(mask_groups)], dim=1)
     return torch.where(m == 0, torch.zeros((), dtype=t.dtype, device=t.device), t * m)
+
+
+def masked_cat_as_torch_ops(inputs: Sequence[Tensor], mask: Tensor, mask_groups: Optional[Sequence[int]] = None
+                            ) -> Tensor:
+    """``pconv_cuda::masked_cat`` in differentiable torch operations (what the functional form runs under
+    torch.compile, torch.func and ONNX export): the concatenation, then the hole select of each channel's map."""
+    x = torch.cat(list(inputs), dim=1)
+    return _hole_select(x, mask, mask_groups if mask.shape[1] > 1 else None)
 
 
 def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_mask, conv_args, output_mask,
@@ -168,6 +189,8 @@ def register_library(ns: str) -> None:
         torch.library.register_fake(f"{ns}::_{op}_backward")(_partial_conv_backward_fake)
         register_autocast(ns, op)
     torch.library.register_fake(f"{ns}::mask_update")(_mask_update_fake)
+    torch.library.register_fake(f"{ns}::masked_cat")(_masked_cat_fake)
+    register_autocast(ns, "masked_cat")
 
 
 _LIBS: List[torch.library.Library] = []
@@ -182,7 +205,9 @@ def _register_autocast(ns: str, op_name: str, device_type: str) -> None:
     op = getattr(getattr(torch.ops, ns), op_name).default
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
-    def cast(t):  # as autocast does for convolutions: float64 is left alone
+    def cast(t):  # as autocast does for convolutions: float64 is left alone; lists (masked_cat's inputs) by item
+        if isinstance(t, (list, tuple)):
+            return type(t)(cast(v) for v in t)
         if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
                 and t.device.type == device_type:
             return t.to(torch.get_autocast_dtype(device_type))

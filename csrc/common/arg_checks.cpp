@@ -213,6 +213,49 @@ Geometry check_conv_args(const char* op, int64_t dims, const at::Tensor& input,
   return g;
 }
 
+MaskGroups check_masked_cat_args(const char* op, at::TensorList inputs, const at::Tensor& mask,
+                                 at::OptionalIntArrayRef mask_groups) {
+  TORCH_CHECK(!inputs.empty(), op, ": inputs must hold at least one tensor");
+  const at::Tensor& x0 = inputs[0];
+  TORCH_CHECK(x0.dim() == 4 || x0.dim() == 5, op, ": inputs[0] must be a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) "
+              "tensor, got shape ", x0.sizes());
+  TORCH_CHECK(is_supported_float(x0.scalar_type()), op,
+              ": inputs must be float32, float64, float16 or bfloat16, got ", x0.scalar_type());
+  int64_t channels = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const at::Tensor& t = inputs[i];
+    TORCH_CHECK(t.dim() == x0.dim() && t.size(0) == x0.size(0) && t.sizes().slice(2) == x0.sizes().slice(2), op,
+                ": inputs[", i, "] of shape ", t.sizes(), " must match inputs[0] (shape ", x0.sizes(),
+                ") in every dimension but the channels");
+    TORCH_CHECK(t.scalar_type() == x0.scalar_type(), op, ": inputs[", i, "] dtype ", t.scalar_type(),
+                " does not match inputs[0]'s ", x0.scalar_type());
+    TORCH_CHECK(t.device() == x0.device(), op, ": inputs[", i, "] is on ", t.device(), " but inputs[0] is on ",
+                x0.device());
+    channels += t.size(1);
+  }
+  TORCH_CHECK(mask.dim() == x0.dim(), op, ": mask must be a ", x0.dim(), "-D tensor (N or 1, ",
+              mask_groups.has_value() ? "G" : "1 or C", ", ", spatial_letters(x0.dim() - 2), "), got shape ",
+              mask.sizes());
+  TORCH_CHECK(mask.device() == x0.device(), op, ": mask is on ", mask.device(), " but inputs[0] is on ",
+              x0.device());
+  TORCH_CHECK(mask.scalar_type() == x0.scalar_type() || mask.scalar_type() == at::kBool ||
+                  mask.scalar_type() == at::kByte,
+              op, ": mask dtype must be the inputs' dtype (", x0.scalar_type(), "), bool or uint8, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.size(0) == x0.size(0) || mask.size(0) == 1, op, ": mask batch size ", mask.size(0),
+              " must be 1 or the inputs' batch size ", x0.size(0));
+  TORCH_CHECK(mask.sizes().slice(2) == x0.sizes().slice(2), op, ": mask spatial size ",
+              Parenthesised{mask.sizes().slice(2)}, " must equal the inputs' ", Parenthesised{x0.sizes().slice(2)});
+  if (!mask_groups.has_value() && mask.size(1) == 1) {  // one map for every channel
+    MaskGroups mg;
+    mg.sizes = {channels};
+    return mg;
+  }
+  TORCH_CHECK(channels >= 1, op, ": the inputs have no channels, so the mask can only be one map, got ",
+              mask.size(1), " maps");
+  return check_mask_groups(op, &mask, channels, /*multi_channel=*/true, mask_groups);
+}
+
 namespace {
 void check_map(const char* op, const char* name, const at::Tensor& t, const Geometry& g, at::ScalarType dtype,
                const at::Tensor& input) {

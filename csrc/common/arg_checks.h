@@ -40,6 +40,12 @@ Geometry check_mask_update_args(const at::Tensor& mask, at::IntArrayRef kernel_s
                                 at::OptionalIntArrayRef mask_groups = c10::nullopt,
                                 MaskGroups* mask_groups_out = nullptr);
 
+// masked_cat arguments: inputs (N, C_i, [D,] H, W) of one dtype and device, and the mask over their C = sum C_i
+// channels as a multi-channel partial convolution takes it (one map for all, one per channel, or G maps with
+// mask_groups). Returns the mask's groups over the C channels.
+MaskGroups check_masked_cat_args(const char* op, at::TensorList inputs, const at::Tensor& mask,
+                                 at::OptionalIntArrayRef mask_groups);
+
 // _partial_conv{2,3}d_backward's tensors besides those check_conv_args covers.
 void check_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& ratio,
                          const at::Tensor& updated_mask, const at::Tensor& input, const Geometry& g);

@@ -25,11 +25,12 @@ namespace pconv {
 
 using ConvSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,
-    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, at::OptionalIntArrayRef);
+    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, at::OptionalIntArrayRef, bool);
 using ConvBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, std::array<bool, 3>,
-    at::OptionalIntArrayRef);
+    at::OptionalIntArrayRef, bool);
+using MaskedCatSig = at::Tensor(at::TensorList, const at::Tensor&, at::OptionalIntArrayRef);
 
 // grad in holes exactly 0 (a select, so NaN/inf in grad never leaks), grad * M elsewhere. A grouped mask
 // (mask_groups: G maps, 1 < G < C) is first repeated to one map per channel (create_graph and double backward only).
@@ -78,16 +79,18 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
                                                 const std::optional<at::Tensor>& mask, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                                bool multi_channel, at::OptionalIntArrayRef mask_groups) {
+                                                bool multi_channel, at::OptionalIntArrayRef mask_groups,
+                                                bool input_masked) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [output, updated_mask, ratio, masked_input] =
-        forward_op().call(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups);
+    auto [output, updated_mask, ratio, masked_input] = forward_op().call(
+        input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups, input_masked);
     const bool has_mask = mask.has_value() && mask->defined();
     const bool has_bias = bias.has_value() && bias->defined();
     // The weight gradient needs the convolution's input: X*M as the forward formed it (the input itself for
-    // mask=None), so the backward never rebuilds it (one input-sized tensor kept per layer).
-    ctx->save_for_backward({has_mask ? masked_input : input, has_mask ? *mask : at::Tensor(), weight, ratio,
-                            updated_mask});
+    // mask=None or input_masked), so the backward never rebuilds it (one input-sized tensor kept per layer).
+    ctx->save_for_backward({has_mask && !input_masked ? masked_input : input, has_mask ? *mask : at::Tensor(),
+                            weight, ratio, updated_mask});
+    ctx->saved_data["input_masked"] = input_masked;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
@@ -110,7 +113,7 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
     const bool need_input = ctx->needs_input_grad(0);
     const bool need_weight = ctx->needs_input_grad(weight_edge);
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(weight_edge + 1);
-    torch::autograd::variable_list result(10);  // one per forward argument: input, mask, weight, bias, ...
+    torch::autograd::variable_list result(11);  // one per forward argument: input, mask, weight, bias, ...
     if (!need_input && !need_weight && !need_bias) return result;
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
@@ -120,23 +123,27 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
     const std::optional<std::vector<int64_t>> mask_groups = optional_ints(ctx->saved_data["mask_groups"]);
     const at::OptionalIntArrayRef mask_groups_ref =
         mask_groups ? at::OptionalIntArrayRef(*mask_groups) : at::OptionalIntArrayRef();
+    const bool input_masked = ctx->saved_data["input_masked"].toBool();
     const at::Tensor& grad_output = grads[0];
     const at::Tensor& grad_masked_input = grads[3];
+    // With input_masked the holes are the input producer's to zero: the backward sees no mask for them.
+    const at::Tensor& hole_mask = input_masked ? at::Tensor() : mask;
 
     at::Tensor grad_input, grad_weight, grad_bias;
     if (grad_output.defined()) {
       if (at::GradMode::is_enabled()) {  // create_graph: differentiable ops, same maths
         std::tie(grad_input, grad_weight, grad_bias) =
-            differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_mask, stride, padding,
+            differentiable_grads(grad_output, conv_input, hole_mask, weight, ratio, updated_mask, stride, padding,
                                  dilation, groups, {need_input, need_weight, need_bias}, mask_groups_ref);
       } else {
         const std::optional<at::Tensor> m = mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
         std::tie(grad_input, grad_weight, grad_bias) =
             backward_op().call(grad_output, conv_input, m, weight, ratio, updated_mask, stride, padding, dilation,
-                               groups, multi_channel, {need_input, need_weight, need_bias}, mask_groups_ref);
+                               groups, multi_channel, {need_input, need_weight, need_bias}, mask_groups_ref,
+                               input_masked);
       }
     }
-    if (grad_masked_input.defined() && mask.defined() && need_input) {
+    if (grad_masked_input.defined() && hole_mask.defined() && need_input) {
       const at::Tensor extra = hole_select(grad_masked_input, mask, mask_groups_ref);
       grad_input = grad_input.defined() ? grad_input + extra : extra;
     }
@@ -173,7 +180,8 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kernel(
       const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-      at::IntArrayRef dilation, int64_t groups, bool multi_channel, at::OptionalIntArrayRef mask_groups) {
+      at::IntArrayRef dilation, int64_t groups, bool multi_channel, at::OptionalIntArrayRef mask_groups,
+      bool input_masked) {
     const auto dual = [](const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); };
     TORCH_CHECK(!dual(input) && !dual(weight) && !(bias && dual(*bias)), Lib::ns, "::partial_conv", Dims,
                 "d: forward-mode AD (jvp) is not implemented; reverse mode and torch.func's vjp/grad/vmap are");
@@ -182,11 +190,61 @@ struct PartialConvFunction : public torch::autograd::Function<PartialConvFunctio
     if (!record) {  // nothing to record: the op itself, without the Function's bookkeeping (~1.5 us a call)
       at::AutoDispatchBelowADInplaceOrView below;
       return forward_op().call(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
-                               mask_groups);
+                               mask_groups, input_masked);
     }
     auto out = PartialConvFunction::apply(input, mask, weight, bias, stride, padding, dilation, groups,
-                                          multi_channel, mask_groups);
+                                          multi_channel, mask_groups, input_masked);
     return {out[0], out[1], out[2], out[3]};
+  }
+};
+
+// masked_cat: linear in its inputs, so its backward is masked_cat of the gradient (then split by input), called
+// through the dispatcher so that create_graph records it again.
+template <class Lib>
+struct MaskedCatFunction : public torch::autograd::Function<MaskedCatFunction<Lib>> {
+  static const c10::TypedOperatorHandle<MaskedCatSig>& op() {
+    static const auto handle = find_op<MaskedCatSig>(std::string(Lib::ns) + "::masked_cat");
+    return handle;
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList inputs, const at::Tensor& mask,
+                            at::OptionalIntArrayRef mask_groups) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = op().call(inputs, mask, mask_groups);
+    }
+    std::vector<int64_t> channels;
+    for (const at::Tensor& t : inputs) channels.push_back(t.size(1));
+    ctx->save_for_backward({mask});
+    ctx->saved_data["channels"] = channels;
+    ctx->saved_data["mask_groups"] = optional_ints(mask_groups);
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const std::vector<int64_t> channels = ctx->saved_data["channels"].toIntVector();
+    torch::autograd::variable_list result(channels.size() + 2);  // the inputs, mask, mask_groups
+    if (!grads[0].defined()) return result;
+    const std::optional<std::vector<int64_t>> mask_groups = optional_ints(ctx->saved_data["mask_groups"]);
+    const at::Tensor grad = op().call(at::TensorList(grads[0]), ctx->get_saved_variables()[0],
+                                      mask_groups ? at::OptionalIntArrayRef(*mask_groups) : at::OptionalIntArrayRef());
+    const std::vector<at::Tensor> parts = grad.split_with_sizes(channels, 1);
+    for (size_t i = 0; i < parts.size(); ++i) {
+      if (ctx->needs_input_grad(i)) result[i] = parts[i];
+    }
+    return result;
+  }
+
+  static at::Tensor kernel(at::TensorList inputs, const at::Tensor& mask, at::OptionalIntArrayRef mask_groups) {
+    bool record = false;
+    for (const at::Tensor& t : inputs) record = record || t.requires_grad();
+    if (!record || !at::GradMode::is_enabled()) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      return op().call(inputs, mask, mask_groups);
+    }
+    return MaskedCatFunction::apply(inputs, mask, mask_groups);
   }
 };
 
@@ -195,6 +253,7 @@ template <class Lib>
 void impl_autograd(torch::Library& m) {
   m.impl("partial_conv2d", &PartialConvFunction<Lib, 2>::kernel);
   m.impl("partial_conv3d", &PartialConvFunction<Lib, 3>::kernel);
+  m.impl("masked_cat", &MaskedCatFunction<Lib>::kernel);
 }
 
 }  // namespace pconv

@@ -4,11 +4,15 @@
 // CudaPrimitives<Launch> in cuda/cuda_primitives.h, which the SIMT emulation also instantiates):
 //
 //   static constexpr const char* device_type;            "cpu" or "cuda": route variable and override
-//   bool mask_pass(mask, x, xm, plane, groups)            xm = X*M (holes exact; channel c uses the mask's map
-//                                                         groups.map_of(c)) when x is defined; plane[n] = sum over
+//   bool mask_pass(mask, x, xm, plane, groups, offset)    xm = X*M (holes exact; channel c uses the mask's map
+//                                                         groups.map_of(c)) when x is defined, written to channels
+//                                                         [offset, offset + C) of xm (which may have more: the
+//                                                         masked_cat output; may alias x); plane[n] = sum over
 //                                                         the maps of weight(g) * mask[n, g] (acc dtype, NaN where
 //                                                         a value is outside [0, 1]) when plane is defined; false
 //                                                         if a bad value was seen and the backend can report it
+//   static constexpr bool reports_bad_mask                whether mask_pass can return false (CPU: raises; CUDA:
+//                                                         NaN in the plane instead, as no host sync is made)
 //   void ratio_update(plane, g, ratio, updated_mask, scale)   S by window sums of the plane (or closed form when
 //                                                         plane is undefined: mask=None), then ratio and U; also
 //                                                         scale = win / S where scale is defined (cudnn_fused)
@@ -157,11 +161,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
                                                         const c10::optional<Tensor>& bias, at::IntArrayRef stride,
                                                         at::IntArrayRef padding, at::IntArrayRef dilation,
                                                         int64_t groups, bool multi_channel,
-                                                        at::OptionalIntArrayRef mask_groups) {
+                                                        at::OptionalIntArrayRef mask_groups, bool input_masked) {
   const char* op = dims == 3 ? "pconv_cuda::partial_conv3d" : "pconv_cuda::partial_conv2d";
   MaskGroups mg;
   const Geometry g = check_conv_args(op, dims, input, mask, weight, bias, stride, padding, dilation, groups,
                                      multi_channel, mask_groups, &mg);
+  TORCH_CHECK(!input_masked || has(mask), op, ": input_masked=True says the input is X*M for a mask, but mask is None");
   const at::MemoryFormat fmt = layout_of(input);
   const Tensor x = input.contiguous(fmt);
   const std::vector<int64_t> map_sizes = output_map_sizes(g, g.mask_batch, 1);
@@ -170,12 +175,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
   const std::vector<Route> candidates = route_candidates(prim, g, x, has(bias));
   // scale = win / S: the cudnn_fused graph's factor when there is a bias (without one it multiplies by ratio).
   Tensor scale = has(bias) && contains(candidates, Route::CudnnFused) ? at::empty_like(ratio) : Tensor();
+  // X*M is formed here unless the input already holds it (input_masked: then only the plane is).
+  const bool form_xm = has(mask) && !input_masked;
   Tensor xm, plane;
   if (has(mask)) {
-    xm = at::empty(x.sizes(), x.options(), fmt);
+    if (form_xm) xm = at::empty(x.sizes(), x.options(), fmt);
     plane = at::empty(input_map_sizes(g, g.mask_batch), ratio.options());
     // An empty batch still has a mask (batch 1) whose maps are returned: then only the plane is formed.
-    const Tensor& swept = g.N > 0 ? x : Tensor();
+    const Tensor& swept = g.N > 0 && form_xm ? x : Tensor();
     PCONV_PASS("pconv::mask_pass");
     if (!prim.mask_pass(mg.maps(*mask).contiguous(fmt), swept, xm, plane, mg)) fail_invalid_mask(op, *mask);
   }
@@ -184,7 +191,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
     prim.ratio_update(plane, g, ratio, updated_mask, scale);
   }
 
-  const Tensor& conv_in = has(mask) ? xm : x;
+  const Tensor& conv_in = form_xm ? xm : x;
   const Tensor b = has(bias) ? bias->contiguous() : Tensor();
   const std::vector<int64_t> no_output_padding(dims, 0);
   // Runs `route`; a cudnn_fused call that cuDNN fails to run (the plan was built) falls back to aten_conv, and
@@ -210,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> partial_conv(Prim& prim, int64_t dims
   Route route = choose_route(prim, g, conv_in, weight, candidates, [&](Route r) { return run(r); });
   Tensor out = run(route);
   record_route(Prim::device_type, route);
-  return {out, updated_mask, ratio, has(mask) ? xm : at::empty({0}, input.options())};
+  return {out, updated_mask, ratio, form_xm ? xm : at::empty({0}, input.options())};
 }
 
 template <class Prim>
@@ -218,7 +225,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
     Prim& prim, int64_t dims, const Tensor& grad_output, const Tensor& masked_input,
     const c10::optional<Tensor>& mask, const Tensor& weight, const Tensor& ratio, const Tensor& updated_mask,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
-    std::array<bool, 3> output_mask, at::OptionalIntArrayRef mask_groups) {
+    std::array<bool, 3> output_mask, at::OptionalIntArrayRef mask_groups, bool input_masked) {
   const char* op = dims == 3 ? "pconv_cuda::_partial_conv3d_backward" : "pconv_cuda::_partial_conv2d_backward";
   MaskGroups mg;
   const Geometry g = check_conv_args(op, dims, masked_input, mask, weight, c10::nullopt, stride, padding, dilation,
@@ -237,8 +244,9 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
   Tensor dx, dw;
   if (need_input || need_weight) {
     const Tensor conv_in = masked_input.contiguous(fmt);
-    // The gemm route, when forced, has its own backward where the backend has one (CUDA: tensor cores).
-    const Tensor maps = has(mask) ? mg.maps(*mask).contiguous(fmt) : Tensor();
+    // The gemm route, when forced, has its own backward where the backend has one (CUDA: tensor cores). Holes
+    // are zeroed with the mask unless the input was X*M already (its producer applies M).
+    const Tensor maps = has(mask) && !input_masked ? mg.maps(*mask).contiguous(fmt) : Tensor();
     const bool gemm = forced_route(Prim::device_type) == Route::Gemm &&
                       prim.gemm_backward(gy, conv_in, maps, mg, weight, g, need_input ? &dx : nullptr,
                                          need_weight ? &dw : nullptr);
@@ -249,7 +257,7 @@ std::tuple<Tensor, Tensor, Tensor> partial_conv_backward(
                                             {need_input, need_weight, false});
       if (need_input) {
         dx = std::get<0>(grads).contiguous(fmt);
-        if (has(mask)) {  // dX = M * conv_transpose(G, W), zero in holes, in place
+        if (maps.defined()) {  // dX = M * conv_transpose(G, W), zero in holes, in place
           Tensor no_plane;
           PCONV_PASS("pconv::mask_pass");
           prim.mask_pass(maps, dx, dx, no_plane, mg);
@@ -282,6 +290,51 @@ std::tuple<Tensor, Tensor> mask_update(Prim& prim, const Tensor& mask, at::IntAr
   return {ratio, updated_mask};
 }
 
+// X*M of the inputs' channel concatenation, written by one mask pass per input into its channels of the output:
+// the concatenation itself is never formed.
+template <class Prim>
+Tensor masked_cat(Prim& prim, at::TensorList inputs, const Tensor& mask, at::OptionalIntArrayRef mask_groups) {
+  const char* op = "pconv_cuda::masked_cat";
+  const MaskGroups mg = check_masked_cat_args(op, inputs, mask, mask_groups);
+  const at::MemoryFormat fmt = layout_of(inputs[0]);
+  std::vector<int64_t> sizes = inputs[0].sizes().vec();
+  sizes[1] = 0;
+  for (const Tensor& t : inputs) sizes[1] += t.size(1);
+  Tensor out = at::empty(sizes, inputs[0].options(), fmt);
+  const Tensor maps = mg.maps(mask).contiguous(fmt);
+  if (Prim::reports_bad_mask && out.numel() > 0) {  // the values checked once, over the maps alone
+    Tensor no_input, no_output;
+    Tensor plane =
+        at::empty({maps.size(0), 1, plane_pixels(maps)}, out.options().dtype(ratio_dtype(mask_only_dtype(mask.scalar_type()))));
+    if (!prim.mask_pass(maps, no_input, no_output, plane, mg)) fail_invalid_mask(op, mask);
+  }
+  PCONV_PASS("pconv::mask_pass");
+  // Input i covers channels [first, first + C_i): the maps of the groups it overlaps, clipped to it.
+  int64_t first = 0;
+  size_t group = 0;
+  int64_t group_first = 0;  // the first channel of map `group`
+  for (const Tensor& t : inputs) {
+    const int64_t c = t.size(1);
+    if (c == 0 || out.numel() == 0) {
+      first += c;
+      continue;
+    }
+    while (group_first + mg.sizes[group] <= first) group_first += mg.sizes[group++];
+    MaskGroups part;
+    part.weighted = mg.weighted;
+    size_t last = group;
+    for (int64_t gf = group_first; gf < first + c; gf += mg.sizes[last++]) {
+      part.sizes.push_back(std::min(gf + mg.sizes[last], first + c) - std::max(gf, first));
+    }
+    const Tensor part_maps =
+        maps.narrow(1, static_cast<int64_t>(group), static_cast<int64_t>(last - group)).contiguous(fmt);
+    Tensor no_plane;
+    prim.mask_pass(part_maps, t.contiguous(fmt), out, no_plane, part, first);
+    first += c;
+  }
+  return out;
+}
+
 // The dispatcher's entry points for a backend: each builds the backend's primitives and runs the op's flow.
 template <class Backend>
 struct OpEntries {
@@ -290,10 +343,11 @@ struct OpEntries {
                                                          const Tensor& weight, const c10::optional<Tensor>& bias,
                                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                                          at::IntArrayRef dilation, int64_t groups,
-                                                         bool multi_channel, at::OptionalIntArrayRef mask_groups) {
+                                                         bool multi_channel, at::OptionalIntArrayRef mask_groups,
+                                                         bool input_masked) {
     return Backend::run(input, [&](auto& prim) {
       return partial_conv(prim, Dims, input, mask, weight, bias, stride, padding, dilation, groups, multi_channel,
-                          mask_groups);
+                          mask_groups, input_masked);
     });
   }
 
@@ -302,11 +356,17 @@ struct OpEntries {
       const Tensor& grad_output, const Tensor& masked_input, const c10::optional<Tensor>& mask,
       const Tensor& weight, const Tensor& ratio, const Tensor& updated_mask, at::IntArrayRef stride,
       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool multi_channel,
-      std::array<bool, 3> output_mask, at::OptionalIntArrayRef mask_groups) {
+      std::array<bool, 3> output_mask, at::OptionalIntArrayRef mask_groups, bool input_masked) {
     return Backend::run(masked_input, [&](auto& prim) {
       return partial_conv_backward(prim, Dims, grad_output, masked_input, mask, weight, ratio, updated_mask, stride,
-                                   padding, dilation, groups, multi_channel, output_mask, mask_groups);
+                                   padding, dilation, groups, multi_channel, output_mask, mask_groups,
+                                   input_masked);
     });
+  }
+
+  static Tensor cat(at::TensorList inputs, const Tensor& mask, at::OptionalIntArrayRef mask_groups) {
+    TORCH_CHECK(!inputs.empty(), "pconv_cuda::masked_cat: inputs must hold at least one tensor");
+    return Backend::run(inputs[0], [&](auto& prim) { return masked_cat(prim, inputs, mask, mask_groups); });
   }
 
   static std::tuple<Tensor, Tensor> update(const Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -326,6 +386,7 @@ void impl_ops(torch::Library& m) {
   m.impl("_partial_conv2d_backward", &E::template conv_backward<2>);
   m.impl("_partial_conv3d_backward", &E::template conv_backward<3>);
   m.impl("mask_update", &E::update);
+  m.impl("masked_cat", &E::cat);
 }
 
 }  // namespace pconv

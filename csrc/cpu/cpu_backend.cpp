@@ -80,14 +80,18 @@ inline void for_each_pixel(int64_t begin, int64_t end, int64_t HW, const F& f) {
 // Mask pass: one read of M, and of X when `x` is given. For the first mask_batch images, plane[n] = the sum over
 // the mask's maps of weight(g) * M[n, g] (MaskGroups: once, or once per channel the map covers), with every value
 // checked to lie in [0, 1]; and xm = X * M (M broadcast over batch, and channel c reading its group's map) is
-// written in the same sweep, so the masked input costs no extra pass over M.
+// written in the same sweep, so the masked input costs no extra pass over M; into channels [offset, offset + C)
+// of xm, which may have more channels (masked_cat's output).
 // Tensors are contiguous in `fmt` (NCHW or NHWC). Returns false if some mask value was outside [0, 1] or NaN.
 template <typename scalar_t, typename mask_t, typename acc_t>
-bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tensor* xm_t, const MaskGroups& groups) {
+bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tensor* xm_t, const MaskGroups& groups,
+                      int64_t offset) {
   const int64_t Nm = mask.size(0), Cm = mask.size(1), HW = plane_pixels(mask);
   const int64_t N = x_t ? x_t->size(0) : Nm;
   const int64_t C = x_t ? x_t->size(1) : Cm;
-  const bool nhwc = is_channels_last(x_t ? *x_t : mask);
+  const int64_t Cxm = xm_t ? xm_t->size(1) : C;  // xm's channels, of which this pass writes C from `offset`
+  // (xm's layout decides: a one-channel input reads alike in both, the wider output does not)
+  const bool nhwc = is_channels_last(xm_t ? *xm_t : mask);
   const mask_t* m = mask.const_data_ptr<mask_t>();
   const scalar_t* x = x_t ? x_t->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* xm = xm_t ? xm_t->mutable_data_ptr<scalar_t>() : nullptr;
@@ -111,7 +115,7 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
         const mask_t* mi = m + ((Nm == 1 ? 0 : n) * HW + p) * Cm;
         if (x) {
           const scalar_t* xi = x + i * C;
-          scalar_t* oi = xm + i * C;
+          scalar_t* oi = xm + i * Cxm + offset;
           if (Cm == C || Cm == 1) {  // one map per channel, or one for all: the channel loop vectorises
             for (int64_t c = 0; c < C; ++c) {
               oi[c] = static_cast<scalar_t>(masked(static_cast<acc_t>(xi[c]), static_cast<acc_t>(mi[Cm == 1 ? 0 : c])));
@@ -146,7 +150,7 @@ bool mask_pass_kernel(const Tensor& mask, acc_t* plane, const Tensor* x_t, Tenso
           const mask_t* mr = m + (nm * Cm + gi) * HW;
           for (int64_t c = first[gi]; x && c < first[gi + 1]; ++c) {
             const scalar_t* xr = x + (n * C + c) * HW;
-            scalar_t* orow = xm + (n * C + c) * HW;
+            scalar_t* orow = xm + (n * Cxm + offset + c) * HW;
             for (int64_t p = p0; p < p1; ++p) {
               orow[p] = static_cast<scalar_t>(masked(static_cast<acc_t>(xr[p]), static_cast<acc_t>(mr[p])));
             }
@@ -387,13 +391,17 @@ void im2col_kernel(const scalar_t* x, int64_t c0, int64_t Cg, const Geometry& g,
 struct CpuPrimitives {
   static constexpr const char* device_type = "cpu";
 
-  bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane, const MaskGroups& groups) {
+  static constexpr bool reports_bad_mask = true;
+
+  bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane, const MaskGroups& groups,
+                 int64_t offset = 0) {
     const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
     bool valid = true;
     dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
       using acc_t = acc_type_t<x_t>;
       valid = mask_pass_kernel<x_t, mask_t, acc_t>(mask, plane.defined() ? plane.mutable_data_ptr<acc_t>() : nullptr,
-                                                   x.defined() ? &x : nullptr, x.defined() ? &xm : nullptr, groups);
+                                                   x.defined() ? &x : nullptr, x.defined() ? &xm : nullptr, groups,
+                                                   offset);
     });
     return valid;
   }

@@ -65,7 +65,10 @@ struct CudaPrimitives {
   static constexpr const char* device_type = "cuda";
   Launch& launch;
 
-  bool mask_pass(const Tensor& mask_maps, const Tensor& x, Tensor& xm, Tensor& plane, const MaskGroups& groups) {
+  static constexpr bool reports_bad_mask = false;
+
+  bool mask_pass(const Tensor& mask_maps, const Tensor& x, Tensor& xm, Tensor& plane, const MaskGroups& groups,
+                 int64_t offset = 0) {
     if (plane_pixels(mask_maps) == 0) return true;  // no pixels: nothing to write, the plane is empty too
     int64_t channels = 0;
     for (const int64_t c : groups.sizes) channels += c;
@@ -75,16 +78,16 @@ struct CudaPrimitives {
     const ChannelGroups cg = channel_groups(expand ? expanded : groups, channels);
     // An input with no elements (no channels) has no X*M to form; the plane is still the mask's.
     const bool sweep = x.defined() && x.numel() > 0;
-    const bool nhwc = is_nhwc(x.defined() ? x : mask);
+    const bool nhwc = is_nhwc(sweep ? xm : mask);  // (a one-channel x reads alike in both layouts, xm not)
     const MaskPassShape s{sweep ? x.size(0) : mask.size(0), sweep ? x.size(1) : mask.size(1),
-                          plane_pixels(mask), mask.size(0), mask.size(1), cg};
+                          plane_pixels(mask), mask.size(0), mask.size(1), cg, sweep ? xm.size(1) : 0};
     check_index_range("pixels per image", s.HW);
     const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
     dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
       using acc_t = acc_type_t<x_t>;
       constexpr int W = 16 / sizeof(x_t);
       const x_t* xp = sweep ? x.const_data_ptr<x_t>() : nullptr;
-      x_t* xmp = sweep ? xm.mutable_data_ptr<x_t>() : nullptr;
+      x_t* xmp = sweep ? xm.mutable_data_ptr<x_t>() + offset * (nhwc ? 1 : s.HW) : nullptr;
       acc_t* pp = plane.defined() ? plane.mutable_data_ptr<acc_t>() : nullptr;
       const mask_t* mp = mask.const_data_ptr<mask_t>();
       if (!nhwc) {
@@ -103,7 +106,7 @@ struct CudaPrimitives {
       check_index_range("pixels in the batch", s.N * s.HW);
       if (xp != nullptr) {
         const MaskPixel mask_pixel{s.Nm == 1 && s.N > 1, FastDivmod(static_cast<uint32_t>(s.HW))};
-        const bool vec = s.C % W == 0 && aligned(xp, 16) && aligned(xmp, 16) &&
+        const bool vec = s.C % W == 0 && s.Cxm % W == 0 && aligned(xp, 16) && aligned(xmp, 16) &&
                          (s.Cm == 1 || aligned(mp, W * sizeof(mask_t)));  // one mask value per pixel: scalar
         if (vec) {
           launch(mask_pass_nhwc_kernel<x_t, mask_t, W>, nhwc_config(s.N * s.HW, s.C / W), xp, mp, xmp, s, mask_pixel);

@@ -62,7 +62,8 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& v) {
 // Mask pass. NCHW: per image n and VEC pixels p: xm[n, c, p] = X*M for every channel, channel c reading the mask's
 // map groups.map_of(c) (holes exact), and, for the first Nm images, plane[n, p] = sum over the maps of
 // groups.weight(g) * M[g] (NaN for a value outside [0, 1]). With x == nullptr only the plane is formed
-// (mask_update). xm may alias x (the backward's in-place dX *= M).
+// (mask_update). xm may alias x (the backward's in-place dX *= M), or have more channels than x (s.Cxm: xm then
+// points at the first of x's channels in it).
 // The channels are spread over threadIdx.y and, unless the plane sums one map per channel, over blockIdx.z (channel
 // slices), so a small image with many channels (the U-Net's inner layers: 1024 channels of 4x4) is not one thread
 // per pixel looping over every channel. A mask of one map per channel (multi-channel; or the maps themselves
@@ -76,6 +77,7 @@ struct MaskPassShape {
   int64_t Nm;  // the mask's batch: 1 (broadcast) or N
   int64_t Cm;  // the mask's maps: 1 (broadcast), C, or a group count between
   ChannelGroups groups;
+  int64_t Cxm;  // xm's channels (>= C: masked_cat writes an input's C channels into a wider output from xm)
 };
 
 constexpr int kMaskPassUnroll = 4;  // channels whose loads a thread issues before their stores
@@ -129,7 +131,7 @@ __global__ void mask_pass_nchw_kernel(const scalar_t* x, const mask_t* __restric
               out.v[v] =
                   static_cast<scalar_t>(masked(static_cast<acc_t>(xu[u].v[v]), static_cast<acc_t>(mu[u].v[v])));
             }
-            store_pack<VEC>(xm + (n * s.C + c) * s.HW + p, out);
+            store_pack<VEC>(xm + (n * s.Cxm + c) * s.HW + p, out);
           }
           if (want_plane && (by_map || (s.Cm == 1 && c == 0))) {
             const acc_t w = static_cast<acc_t>(s.groups.weight(x != nullptr ? s.groups.map_of(c) : c));
@@ -250,7 +252,7 @@ __global__ void mask_pass_nhwc_kernel(const scalar_t* x, const mask_t* __restric
     for (int v = 0; v < VEC; ++v) {
       out.v[v] = static_cast<scalar_t>(masked(static_cast<acc_t>(xv.v[v]), static_cast<acc_t>(m.v[v])));
     }
-    store_pack<VEC>(xm + q * s.C + c, out);
+    store_pack<VEC>(xm + q * s.Cxm + c, out);
   }
 }
 

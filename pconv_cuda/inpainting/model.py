@@ -25,8 +25,10 @@ network never forms a C-channel mask: a decoder layer gets its skip link's two m
 encoder's, or the image mask's maps) as ``mask_groups=(C_up, C_skip)``, and the first layer gets the image mask as
 one group when it is one map (1 channel, or one map expanded over the image's channels). The result is that of the
 concatenated C-channel masks (bitwise on the CPU; tests/test_model.py), at the cost of reading G maps instead of
-C channels, and autograd keeps those maps instead of C-channel masks. Other layer classes get the concatenated
-masks (expanded views where they can be).
+C channels, and autograd keeps those maps instead of C-channel masks. Where the layer also takes ``input_masked``,
+the skip link's concatenation is written already masked (``pconv_cuda.functional.masked_cat``: one pass over the
+two halves) and the layer convolves it as it is, so no decoder layer forms X * M a second time. Other layer
+classes get the concatenated masks (expanded views where they can be).
 """
 from __future__ import annotations
 
@@ -73,15 +75,25 @@ class _PConvBlock(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels) if bn else None
         self.activation = activation
 
-        # Whether the layer takes a mask by channel groups (mask_groups), so that the network never expands one.
+        # Whether the layer takes a mask by channel groups (mask_groups), so that the network never expands one, and
+        # an input already masked (input_masked), so that a skip link's concatenation is written masked.
         try:
-            self.grouped = "mask_groups" in inspect.signature(self.conv.forward).parameters
+            params = inspect.signature(self.conv.forward).parameters
         except (TypeError, ValueError):
-            self.grouped = False
+            params = {}
+        self.grouped = "mask_groups" in params
+        self.takes_masked_input = self.grouped and multi_channel and "input_masked" in params
 
-    def forward(self, x: Tensor, mask: Tensor, mask_groups: Optional[Tuple[int, ...]] = None) -> Tuple[Tensor, Tensor]:
-        """``mask`` is C-channel, or (with ``mask_groups``, only for a ``grouped`` layer) G maps of channel groups."""
-        x, mask = self.conv(x, mask) if mask_groups is None else self.conv(x, mask, mask_groups=mask_groups)
+    def forward(self, x: Tensor, mask: Tensor, mask_groups: Optional[Tuple[int, ...]] = None,
+                input_masked: bool = False) -> Tuple[Tensor, Tensor]:
+        """``mask`` is C-channel, or (with ``mask_groups``, only for a ``grouped`` layer) G maps of channel groups;
+        ``input_masked`` (a ``takes_masked_input`` layer): ``x`` already is X * mask."""
+        if mask_groups is None:
+            x, mask = self.conv(x, mask)
+        elif input_masked:
+            x, mask = self.conv(x, mask, mask_groups=mask_groups, input_masked=True)
+        else:
+            x, mask = self.conv(x, mask, mask_groups=mask_groups)
         if self.bn is not None:
             x = self.bn(x)
         if self.activation is not None:
@@ -234,7 +246,13 @@ class PConvUNet(nn.Module):
             skip, (skip_m, skip_sizes) = feats[i - 1], masks[i - 1]
             # Upsampled half first, then the skip (the layout of the common re-implementations' weights).
             maps = torch.cat([hm, skip_m.expand(hm.shape[0], -1, -1, -1)], dim=1)
-            h, hm = block(*_mask_args(block, torch.cat([h, skip], dim=1), maps, (h.shape[1], *skip_sizes)))
+            sizes = (h.shape[1], *skip_sizes)
+            if block.takes_masked_input:  # the concatenation written masked, in one pass; not masked again
+                from pconv_cuda.functional import masked_cat
+
+                h, hm = block(masked_cat([h, skip], maps, sizes), maps, sizes, input_masked=True)
+            else:
+                h, hm = block(*_mask_args(block, torch.cat([h, skip], dim=1), maps, sizes))
             if i > 1:
                 hm = hm[:, :1]
         return h, hm
