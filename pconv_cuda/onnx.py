@@ -305,7 +305,9 @@ class _TorchBuilder(_Builder):
             return torch.empty(v.shape, dtype=_torch_dtype(v), device=self.device)
         if (v == v.flat[0]).all():
             return torch.full(v.shape, v.flat[0].item(), dtype=_torch_dtype(v), device=self.device)
-        return torch.tensor(v.tolist(), dtype=_torch_dtype(v), device=self.device)
+        with warnings.catch_warnings():  # (an index constant of the model, e.g. each channel's map: baked in)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return torch.tensor(v.tolist(), dtype=_torch_dtype(v), device=self.device)
 
     def _operand(self, v):
         return v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else self._tensor(v)

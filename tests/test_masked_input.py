@@ -182,6 +182,27 @@ def test_masked_cat_then_input_masked_conv_equals_the_conv(backend, deterministi
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"gradient {i}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_composition_in_half_types(backend, deterministic, dtype):
+    # fp16/bf16 run the tensor-core gemm route on cuda_emu-gemm, whose backward (mma_dgrad_kernel) applies M to its
+    # accumulator, or not at all with input_masked; for a binary mask M * v is v or 0 either way: equal results.
+    inputs, maps, groups, _ = _case((3, 5), (3, 5), "holes", device=backend.device)
+    inputs, maps = [t.to(dtype) for t in inputs], maps.to(dtype)
+    w = (torch.randn(8, 8, 3, 3, generator=torch.Generator().manual_seed(2)) * 0.3).to(backend.device, dtype)
+    res = []
+    for fused in (True, False):
+        xs = [t.clone().requires_grad_() for t in inputs]
+        wr = w.clone().requires_grad_()
+        x_in = backend.ops.masked_cat(xs, maps, groups) if fused else torch.cat(xs, 1)
+        outs = _conv(backend, 2, x_in, maps, wr, None, groups, fused)
+        res.append((outs[0], *torch.autograd.grad(outs[0], (*xs, wr), torch.ones_like(outs[0]))))
+    for i, (a, e) in enumerate(zip(*res)):
+        if backend.device == "cpu":
+            assert torch.equal(a, e), f"result {i}"
+        else:
+            torch.testing.assert_close(a, e, msg=lambda m: f"result {i}: {m}")
+
+
 def test_input_masked_gradient_is_the_convolutions(backend):
     # The op alone with input_masked: its grad_input is not zeroed in the holes (the producer's backward does it),
     # and the weight gradient reads the input as given.
