@@ -359,3 +359,29 @@ def test_bad_mask_values_and_input_masked_without_mask(main_backend):
     w = torch.randn(2, 3, 3, 3, device=device)
     with pytest.raises(RuntimeError, match="input_masked=True says the input is X\\*M for a mask, but mask is None"):
         pconv_cuda.partial_conv2d(x, None, w, input_masked=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cudnn_fused_route_takes_the_masked_input(dtype, monkeypatch):
+    # The cudnn_fused route (its model under the emulation; cuDNN's graph on a GPU) convolves masked_cat's output
+    # as it is: the route runs, and equals its result on the concatenation.
+    from helpers import FUSED_BACKENDS, cuda_unavailable, emu_unavailable, use_backend
+    from pconv_cuda import routes
+
+    for backend in FUSED_BACKENDS:
+        if (backend.device == "cuda" and (cuda_unavailable() or routes.cudnn_fused_status())) or \
+                (backend.ns == "pconv_cuda_emu" and emu_unavailable()):
+            continue
+        use_backend(backend, monkeypatch)
+        inputs, maps, groups, _ = _case((4, 4), (4, 4), "holes", device=backend.device)
+        inputs = [t.to(dtype).contiguous(memory_format=torch.channels_last) for t in inputs]
+        maps = maps.to(dtype).contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(8, 8, 3, 3, generator=torch.Generator().manual_seed(3)) * 0.3).to(backend.device, dtype)
+        b = torch.randn(8, generator=torch.Generator().manual_seed(4)).to(backend.device, dtype)
+        got = _conv(backend, 2, backend.ops.masked_cat(inputs, maps, groups), maps, w, b, groups, True)
+        assert routes.last_route(_ns=backend.ns) == "cudnn_fused", backend
+        want = _conv(backend, 2, torch.cat(inputs, 1), maps, w, b, groups)
+        assert routes.last_route(_ns=backend.ns) == "cudnn_fused", backend
+        assert torch.isfinite(got[0]).all()
+        for a, e in zip(got[:3], want[:3]):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)  # the same X*M through the same graph
