@@ -14,10 +14,11 @@ variants run interleaved and the median of each is reported with three ratios:
     python benchmarks/bench.py --json out.json         # also write the rows as JSON
     python benchmarks/bench.py --plot bench.png        # per-layer ratio bars at batch 1 (needs matplotlib)
     python benchmarks/bench.py --dims 3                # 3-D layers of a video-inpainting U-Net (8 frames x 128 px)
-    python benchmarks/bench.py --masks groups          # decoder layers with their skip link's two mask maps
+    python benchmarks/bench.py --masks groups skip     # decoder layers with their skip link's two mask maps
 Mask kinds: single (one map), multi (C_in channels), groups (decoder layers only: the upsampled map and the skip's,
 mask_groups=(C_up, C_skip) for the fused op, the expanded C_in-channel mask for the reference and the peer, which
-take no groups; plain reads no mask).
+take no groups; plain reads no mask), skip (groups, each variant also joining the skip link's two halves: plain,
+NVIDIA's layer and the peer by torch.cat, the fused layer by masked_cat, then input_masked=True).
 CUDA rows (CUDA-event timing after warm-up, peak memory) run when a GPU is present and pconv_cuda has CUDA
 kernels, once per CUDA route (--cuda-routes, default aten_conv, i.e. cuDNN plus our passes, and gemm, our
 implicit-GEMM kernel; cudnn_fused runs the renormalisation inside cuDNN's kernel, channels_last only; "auto"
@@ -148,14 +149,18 @@ def make_case(layer, batch: int, multi: bool, device: str, dtype: torch.dtype, s
     return x, m, conv
 
 
+MASK_KINDS = ("single", "multi", "groups", "skip")
+
 # The compiled variants of --compile: (name, the eager variant compiled, torch.compile mode).
 COMPILED = [("reference_compiled", "reference", "default"), ("peer_compiled", "peer", "default"),
             ("reference_compiled_ro", "reference", "reduce-overhead"), ("peer_compiled_ro", "peer", "reduce-overhead")]
 
 
 def variants(x, m, conv, multi: bool, mask_groups: Optional[Tuple[int, ...]] = None, compiled: Tuple[str, ...] = (),
-             graph_safe: bool = False) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The timed functions of x. compiled: the torch.compile modes of the COMPILED variants to add."""
+             graph_safe: bool = False) -> Dict[str, Callable[..., torch.Tensor]]:
+    """The timed functions of the input, or of a skip link's halves (each variant joins them: torch.cat, or
+    masked_cat for the fused layer, whose convolution then takes X*M as it is). compiled: the torch.compile modes
+    of the COMPILED variants to add."""
     w, b, s, p = conv.weight, conv.bias, conv.stride, conv.padding
     three_d = w.dim() == 5
     plain = F.conv3d if three_d else F.conv2d
@@ -164,11 +169,22 @@ def variants(x, m, conv, multi: bool, mask_groups: Optional[Tuple[int, ...]] = N
     # Groups: the fused op reads the maps; the others take the C_in-channel mask they stand for (formed here).
     full = m.repeat_interleave(torch.tensor(mask_groups, device=m.device), 1).contiguous(
         memory_format=suggest_memory_format(m)) if mask_groups else m
+
+
+    def cat(xs):
+        return xs[0] if len(xs) == 1 else torch.cat(xs, 1)
+
+    def fused_fn(*xs):
+        if len(xs) == 1:
+            return fused(xs[0], m, w, b, s, p, 1, 1, multi, mask_groups)[0]
+        return fused(pconv_cuda.masked_cat(list(xs), m, mask_groups), m, w, b, s, p, 1, 1, multi, mask_groups,
+                     input_masked=True)[0]
+
     fns = {
-        "plain": lambda x: plain(x, w, b, s, p),
-        "reference": lambda x: unfused(x, full, w, b, s, p, 1, 1, multi)[0],
-        "fused": lambda x: fused(x, m, w, b, s, p, 1, 1, multi, mask_groups)[0],
-        "peer": lambda x: peer_partial_conv2d(x, full, w, b, s, p, 1, 1, multi)[0],
+        "plain": lambda *xs: plain(cat(xs), w, b, s, p),
+        "reference": lambda *xs: unfused(cat(xs), full, w, b, s, p, 1, 1, multi)[0],
+        "fused": fused_fn,
+        "peer": lambda *xs: peer_partial_conv2d(cat(xs), full, w, b, s, p, 1, 1, multi)[0],
     }
     for name, base, mode in COMPILED:
         if mode not in compiled or (graph_safe and mode == "reduce-overhead"):
@@ -219,26 +235,32 @@ def captured(run: Callable[[], None]) -> Callable[[], None]:
 
 
 def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, channels_last=False,
-             mask_groups=None, compiled: Tuple[str, ...] = (), gpu_time=False) -> Row:
+             mask_groups=None, compiled: Tuple[str, ...] = (), gpu_time=False, skip_link=False) -> Row:
+    """skip_link (with mask_groups): the input comes as the skip link's two halves, which each variant joins."""
     multi = multi or bool(mask_groups)
     x, m, conv = make_case(layer, batch, multi, device, dtype, channels_last=channels_last, mask_groups=mask_groups)
+    xs = (x,)
+    if skip_link:
+        xs = tuple(t.contiguous(memory_format=suggest_memory_format(x)) for t in x.split(list(mask_groups), 1))
     fns = variants(x, m, conv, multi, mask_groups, compiled, graph_safe=gpu_time)
     grad = None
     if backward:
-        x.requires_grad_(True)
+        for t in xs:
+            t.requires_grad_(True)
         with torch.no_grad():
-            grad = torch.randn_like(fns["plain"](x))
+            grad = torch.randn_like(fns["plain"](*xs))
 
     def step(fn):
         if not backward:
             with torch.no_grad():
-                fn(x)
+                fn(*xs)
             return
         if not gpu_time:  # a captured backward writes the same .grad tensors at each replay
-            x.grad = None
+            for t in xs:
+                t.grad = None
             conv.weight.grad = None
             conv.bias.grad = None
-        fn(x).backward(grad)
+        fn(*xs).backward(grad)
 
     names = list(fns)
     peak = None
@@ -264,7 +286,7 @@ def run_case(layer, batch, multi, backward, device, dtype, repeats, clock, chann
     fault_med = None if clock.cuda or minor_faults() < 0 else {n: statistics.median(f) for n, f in faults.items()}
     extra = {n: med[n] for n in names if n not in ("plain", "reference", "fused", "peer")} or None
     return Row(device, layer.name, shape_of(layer),
-               "groups" if mask_groups else "multi" if multi else "single", batch, "fwd+bwd" if backward else "fwd", med["plain"],
+               "skip" if skip_link else "groups" if mask_groups else "multi" if multi else "single", batch, "fwd+bwd" if backward else "fwd", med["plain"],
                med["reference"], med["fused"], med["fused"] / med["plain"], med["reference"] / med["fused"],
                med["peer"], med["fused"] / med["peer"], peak, fault_med, extra,
                "cuda_graph" if gpu_time else "eager")
@@ -280,7 +302,7 @@ def summarise(rows: List[Row]) -> List[str]:
     lines = []
     for device in sorted({r.device for r in rows}):
         for pass_ in ("fwd", "fwd+bwd"):
-            for mask in ("single", "multi", "groups"):
+            for mask in MASK_KINDS:
                 sel = [r for r in rows if r.device == device and r.pass_ == pass_ and r.mask == mask]
                 if sel:
                     lines.append(
@@ -339,7 +361,7 @@ def plot(rows: List[Row], path: str) -> Optional[str]:
     if not sel:
         return "no batch-1 rows (add 1 to --batch)"
     panels = [(d, p, m) for d in dict.fromkeys(r.device for r in sel) for p in ("fwd", "fwd+bwd")
-              for m in ("single", "multi", "groups") if any(r.device == d and r.pass_ == p and r.mask == m for r in sel)]
+              for m in MASK_KINDS if any(r.device == d and r.pass_ == p and r.mask == m for r in sel)]
     series = [("fused/plain", "fused_over_plain"), ("fused/peer", "fused_over_peer"),
               ("ref/fused", "reference_over_fused")]
     n_layers = len({r.layer for r in sel})
@@ -356,7 +378,7 @@ def plot(rows: List[Row], path: str) -> Optional[str]:
         ax.set_xticks(range(len(prs)))
         ax.set_xticklabels([r.layer for r in prs])
         ax.set_ylabel("ratio")
-        ax.set_title(f"{device}, {pass_}, {mask}-channel mask, batch 1")
+        ax.set_title(f"{device}, {pass_}, {mask} mask, batch 1")
         ax.legend(fontsize="small", ncol=len(series), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -371,8 +393,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 5)")
     ap.add_argument("--layers", nargs="+", default=None,
                     help="subset of layer names, e.g. enc1 dec1 or enc1,dec1")
-    ap.add_argument("--masks", nargs="+", default=["single", "multi"], choices=["single", "multi", "groups"],
-                    help="mask kinds (default single multi); groups: decoder layers with mask_groups=(C_up, C_skip)")
+    ap.add_argument("--masks", nargs="+", default=["single", "multi"], choices=MASK_KINDS,
+                    help="mask kinds (default single multi); groups: decoder layers with mask_groups=(C_up, C_skip); "
+                         "skip: the same, each variant joining the skip link's halves (fused: masked_cat)")
     ap.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--dims", type=int, default=2, choices=[2, 3],
                     help="2: the image U-Net's layers (default); 3: a video U-Net's 3-D layers (video_layers)")
@@ -443,11 +466,13 @@ def main(argv=None) -> int:
             for batch in batches:
                 for mask in args.masks:
                     for layer in layers:
-                        groups = decoder_groups(layer, all_layers) if mask == "groups" else None
-                        if mask == "groups" and groups is None:
+                        grouped = mask in ("groups", "skip")
+                        groups = decoder_groups(layer, all_layers) if grouped else None
+                        if grouped and groups is None:
                             continue  # an encoder layer's mask is one map
                         r = run_case(layer, batch, mask == "multi", pass_ == "fwd+bwd", device, dtype, repeats, clock,
-                                     args.channels_last, groups, compiled, args.gpu_time and clock.cuda)
+                                     args.channels_last, groups, compiled, args.gpu_time and clock.cuda,
+                                     skip_link=mask == "skip")
                         r.device = label
                         rows.append(r)
                         print(f"{r.device:4s} {r.layer:6s} {r.shape:30s} {r.mask:6s} {r.batch:2d} {r.pass_:7s} "

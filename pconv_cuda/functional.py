@@ -260,8 +260,10 @@ def masked_cat(inputs: Sequence[Tensor], mask: Tensor, mask_groups: Optional[Seq
     ``inputs`` are (N, C_i, H, W) (or (N, C_i, D, H, W)) of one floating dtype and device; ``mask`` is (N or 1, G,
     H, W) over their ``C = sum(C_i)`` channels as a multi-channel partial convolution takes it: one map for every
     channel (G = 1), one per channel (G = C), or with ``mask_groups`` G maps of which map g covers the next
-    ``mask_groups[g]`` channels; in the inputs' dtype, bool or uint8, values in [0, 1]. The gradient of each input is
-    ``mask * grad`` (0 in holes); the mask gets none. A U-Net skip link::
+    ``mask_groups[g]`` channels; in the inputs' dtype, bool or uint8, values in [0, 1] (checked on the CPU; CUDA
+    cannot raise without a host sync: the convolution's plane shows a bad value as NaN). The output has the first
+    input's layout (channels_last kept). The gradient of each input is ``mask * grad`` (0 in holes); the mask gets
+    none. A U-Net skip link::
 
         maps = torch.cat([up_mask, skip_mask], 1)                          # two maps, not C channels
         groups = (up.shape[1], skip.shape[1])

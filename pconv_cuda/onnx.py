@@ -14,6 +14,9 @@ of docs/architecture.md::
 (``ConstantOfShape(Shape(X)[2:])``), so border windows are renormalised and the batch axis stays dynamic; the
 convolution then reads X as it is.
 
+``masked_cat`` is Concat over channels, then the same select (:func:`_lower_masked_cat`); ``input_masked``
+convolves the input as it is.
+
 One lowering (:func:`_lower_partial_conv`, 2-D and 3-D; :func:`_lower_mask_update`) writes that graph against a
 small builder interface, and three builders run it:
 
@@ -182,6 +185,9 @@ def _lower_partial_conv(b: _Builder, input, mask, weight, bias, stride, padding,
                         mask_groups: Optional[Sequence[int]] = None, input_masked: bool = False):
     """(output, updated_mask, ratio, masked_input) of pconv_cuda::partial_conv2d or partial_conv3d (by the
     weight's rank) in ONNX operators."""
+    if input_masked and mask is None:
+        raise RuntimeError("pconv_cuda::partial_conv: input_masked=True says the input is X*M for a mask, but mask "
+                           "is None")
     w_shape = b.shape(weight)
     if w_shape is None or len(w_shape) not in (4, 5) or any(d is None for d in w_shape):
         raise RuntimeError("pconv_cuda ONNX export: the weight's shape must be known (static) at export time")
@@ -226,6 +232,12 @@ def _lower_masked_cat(b: _Builder, inputs: Sequence, mask, mask_groups: Optional
     shapes = [b.shape(t) for t in inputs]
     if any(s is None or len(s) < 2 or s[1] is None for s in shapes):
         raise RuntimeError("pconv_cuda ONNX export: masked_cat needs its inputs' channel counts (static)")
+    m_shape = b.shape(mask)
+    channels, maps = sum(s[1] for s in shapes), None if m_shape is None or len(m_shape) < 2 else m_shape[1]
+    if maps is not None and (mask_groups is None and maps not in (1, channels) or mask_groups is not None and (
+            len(mask_groups) != maps or sum(mask_groups) != channels)):
+        raise RuntimeError(f"pconv_cuda::masked_cat: a mask of {maps} maps does not cover the inputs' {channels} "
+                           f"channels with mask_groups={mask_groups}")
     x = inputs[0] if len(inputs) == 1 else b.op("Concat", *inputs, axis=1)
     return _hole_select(b, x, mask, mask_groups, sum(s[1] for s in shapes), b.dtype(inputs[0]))
 

@@ -44,6 +44,8 @@ def _conv_fake(op: str):
     def fake(input, mask, weight, bias, stride, padding, dilation, groups, multi_channel, mask_groups=None,
              input_masked=False):
         _check_devices(op, input, mask=mask, weight=weight, bias=bias)
+        torch._check(not input_masked or mask is not None, lambda: f"pconv_cuda::{op}: input_masked=True says the "
+                     "input is X*M for a mask, but mask is None")
         torch._check(input.dim() == dims + 2, lambda: f"input must be {dims + 2}-D, got {input.dim()}-D")
         torch._check(weight.dim() == dims + 2, lambda: f"weight must be {dims + 2}-D, got {weight.dim()}-D")
         out_sizes = [_out_size(*a) for a in zip(input.shape[2:], weight.shape[2:], stride, padding, dilation)]
@@ -81,6 +83,7 @@ def _masked_cat_fake(inputs, mask, mask_groups=None):
     torch._check(len(inputs) > 0, lambda: "pconv_cuda::masked_cat: inputs must hold at least one tensor")
     x = inputs[0]
     _check_devices("masked_cat", x, mask=mask)
+    check_masked_cat_shapes(inputs, mask, mask_groups)
     shape = (x.shape[0], sum(t.shape[1] for t in inputs), *x.shape[2:])
     return _empty(shape, x, x.dtype, _layout(x))
 
@@ -156,9 +159,30 @@ def _hole_select(t: Tensor, mask: Tensor, mask_groups: Optional[Sequence[int]] =
 def masked_cat_as_torch_ops(inputs: Sequence[Tensor], mask: Tensor, mask_groups: Optional[Sequence[int]] = None
                             ) -> Tensor:
     """``pconv_cuda::masked_cat`` in differentiable torch operations (what the functional form runs under
-    torch.compile, torch.func and ONNX export): the concatenation, then the hole select of each channel's map."""
+    torch.compile and torch.func): the concatenation, then the hole select of each channel's map. The op's shape
+    checks; the mask gets no gradient. (Mask values are checked by the op on the CPU only.)"""
+    check_masked_cat_shapes(inputs, mask, mask_groups)
     x = torch.cat(list(inputs), dim=1)
-    return _hole_select(x, mask, mask_groups if mask.shape[1] > 1 else None)
+    return _hole_select(x, mask.detach(), mask_groups if mask.shape[1] > 1 else None)
+
+
+def check_masked_cat_shapes(inputs: Sequence[Tensor], mask: Tensor, mask_groups: Optional[Sequence[int]]) -> None:
+    """masked_cat's shape checks for the traced forms (the op's own, csrc/common/arg_checks.cpp, run eagerly)."""
+    op = "pconv_cuda::masked_cat"
+    torch._check(len(inputs) > 0, lambda: f"{op}: inputs must hold at least one tensor")
+    channels = sum(t.shape[1] for t in inputs)
+    torch._check(mask.dim() == inputs[0].dim(), lambda: f"{op}: mask must be {inputs[0].dim()}-D like the inputs")
+    torch._check(mask.shape[0] == 1 or mask.shape[0] == inputs[0].shape[0],
+                 lambda: f"{op}: mask batch size {mask.shape[0]} must be 1 or the inputs' batch size")
+    if mask_groups is None:
+        torch._check(mask.shape[1] == 1 or mask.shape[1] == channels,
+                     lambda: f"{op}: mask must have 1 map (for every channel) or one per channel of the inputs "
+                             f"(C={channels}), got {mask.shape[1]}; or pass mask_groups for a mask of channel groups")
+    else:
+        torch._check(len(mask_groups) == mask.shape[1] and sum(mask_groups) == channels
+                     and all(c >= 1 for c in mask_groups),
+                     lambda: f"{op}: mask_groups={list(mask_groups)} must be positive counts, one per map of the "
+                             f"mask ({mask.shape[1]}), summing to the inputs' channels C={channels}")
 
 
 def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_mask, conv_args, output_mask,

@@ -359,6 +359,7 @@ def load_example(relpath: str):
     path = REPO / relpath
     spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
     sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)

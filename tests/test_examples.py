@@ -207,3 +207,23 @@ def test_scripts_run_as_programs(script):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
+
+
+@pytest.mark.parametrize("mask", ["groups", "skip"])
+def test_bench_skip_link_variants_agree(mask):
+    # bench.py's decoder-layer cases: every variant computes the same layer (the skip kind joins the two halves,
+    # the fused one by masked_cat and input_masked), so its ratios compare equals; run_case labels the row.
+    bench = load_example("benchmarks/bench.py")
+    layers = bench.unet_layers(32, 3)
+    dec2 = next(l for l in layers if l.name == "dec2")
+    groups = bench.decoder_groups(dec2, layers)
+    x, m, conv = bench.make_case(dec2, 2, True, "cpu", torch.float64, mask_groups=groups)
+    x = x.masked_fill(m.repeat_interleave(torch.tensor(groups), 1) == 0, 1e6)  # holes: multiplied by 0 (the peer too)
+    xs = tuple(t.contiguous() for t in x.split(list(groups), 1)) if mask == "skip" else (x,)
+    fns = bench.variants(x, m, conv, True, groups)
+    want = fns["peer"](*xs)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(fns["fused"](*xs), want, rtol=1e-10, atol=1e-10)
+    row = bench.run_case(dec2, 1, False, True, "cpu", torch.float32, 1, bench.Clock("cpu"), mask_groups=groups,
+                         skip_link=mask == "skip")
+    assert row.mask == mask and row.pass_ == "fwd+bwd" and row.fused_ms > 0

@@ -25,7 +25,9 @@ CASES = [
     ("groups_are_inputs", (3, 5), (3, 5), "holes"),
     ("groups_span_inputs", (3, 4, 2), (2, 5, 2), "random"),  # map 1 covers the end of inputs[0] and all of [1]
     ("soft", (2, 4), (2, 4), "soft"),
-    ("many_groups", (20, 20), (2,) * 20, "random"),  # past the CUDA kernels' 16 groups
+    ("many_groups", (20, 20), (2,) * 20, "random"),  # 20 maps, 10 per input
+    # 20 maps on inputs[0]: past the CUDA kernels' 16, which expand them to one per channel first
+    ("many_groups_in_one_input", (40, 3), (2,) * 20 + (3,), "random"),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -333,9 +335,10 @@ ERRORS = [
     (lambda x, m: ([x, x.float()], m, None), r"inputs\[1\] dtype Float does not match"),
     (lambda x, m: ([x, x], m[:, :, :4], None), "mask spatial size"),
     (lambda x, m: ([x, x], m.float(), None), "mask dtype must be the inputs' dtype"),
-    (lambda x, m: ([x, x], m.repeat(1, 2, 1, 1), [3, 4]), r"must sum to the input channels C_in=6, got 7"),
+    (lambda x, m: ([x, x], m.repeat(1, 2, 1, 1), [3, 4]), r"must sum to the inputs' channels C=6, got 7"),
     (lambda x, m: ([x, x], m.repeat(1, 3, 1, 1), [3, 3]), r"names 2 group\(s\), so the mask must have one map"),
-    (lambda x, m: ([x, x], m.repeat(1, 3, 1, 1), None), "expects a mask with one channel per input channel"),
+    (lambda x, m: ([x, x], m.repeat(1, 3, 1, 1), None),
+     r"mask must have 1 map \(for every channel\) or one per channel of the inputs \(C=6\), got 3"),
     (lambda x, m: ([x], m.repeat(3, 1, 1, 1), None), "mask batch size 6 must be 1 or the inputs' batch size 2"),
 ]
 

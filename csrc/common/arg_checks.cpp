@@ -65,7 +65,7 @@ void fill_output_size(const char* op, Geometry& g, at::IntArrayRef sizes, at::In
 // multi_channel=True), or the single- or multi-channel mask it stands for. A multi-channel mask that is one map
 // expanded over its channels (stride 0) is one group: its map is read once, not C_in times, and not copied.
 MaskGroups check_mask_groups(const char* op, const at::Tensor* mask, int64_t C_in, bool multi_channel,
-                             at::OptionalIntArrayRef mask_groups) {
+                             at::OptionalIntArrayRef mask_groups, const char* channels_name = "the input channels C_in") {
   MaskGroups mg;
   mg.weighted = multi_channel;
   if (mask_groups.has_value()) {
@@ -79,8 +79,8 @@ MaskGroups check_mask_groups(const char* op, const at::Tensor* mask, int64_t C_i
                   "channel), got ", sizes);
       total += c;
     }
-    TORCH_CHECK(total == C_in, op, ": mask_groups=", sizes, " must sum to the input channels C_in=", C_in,
-                ", got ", total);
+    TORCH_CHECK(total == C_in, op, ": mask_groups=", sizes, " must sum to ", channels_name, "=", C_in, ", got ",
+                total);
     if (mask != nullptr) {
       TORCH_CHECK(mask->size(1) == static_cast<int64_t>(sizes.size()), op, ": mask_groups=", sizes, " names ",
                   sizes.size(), " group(s), so the mask must have one map per group (", sizes.size(),
@@ -246,14 +246,17 @@ MaskGroups check_masked_cat_args(const char* op, at::TensorList inputs, const at
               " must be 1 or the inputs' batch size ", x0.size(0));
   TORCH_CHECK(mask.sizes().slice(2) == x0.sizes().slice(2), op, ": mask spatial size ",
               Parenthesised{mask.sizes().slice(2)}, " must equal the inputs' ", Parenthesised{x0.sizes().slice(2)});
-  if (!mask_groups.has_value() && mask.size(1) == 1) {  // one map for every channel
-    MaskGroups mg;
-    mg.sizes = {channels};
-    return mg;
+  if (!mask_groups.has_value()) {  // one map for every channel, or one per channel
+    TORCH_CHECK(mask.size(1) == 1 || mask.size(1) == channels, op, ": mask must have 1 map (for every channel) or ",
+                "one per channel of the inputs (C=", channels, "), got ", mask.size(1),
+                "; or pass mask_groups for a mask of channel groups");
+    if (mask.size(1) == 1) {
+      MaskGroups mg;
+      mg.sizes = {channels};
+      return mg;
+    }
   }
-  TORCH_CHECK(channels >= 1, op, ": the inputs have no channels, so the mask can only be one map, got ",
-              mask.size(1), " maps");
-  return check_mask_groups(op, &mask, channels, /*multi_channel=*/true, mask_groups);
+  return check_mask_groups(op, &mask, channels, /*multi_channel=*/true, mask_groups, "the inputs' channels C");
 }
 
 namespace {

@@ -10,6 +10,7 @@
 //                                  d(X*M)/dX = M to grad_input, exactly 0 in holes.
 // pconv_cuda/functional.py's PartialConv2dFunction (torch.func, forward-mode AD, torch.compile) keeps the same
 // backward in Python: torch.func needs a Python Function's setup_context.
+// masked_cat's autograd (MaskedCatFunction, below): its backward is masked_cat of the gradient, split by input.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -239,7 +240,11 @@ struct MaskedCatFunction : public torch::autograd::Function<MaskedCatFunction<Li
 
   static at::Tensor kernel(at::TensorList inputs, const at::Tensor& mask, at::OptionalIntArrayRef mask_groups) {
     bool record = false;
-    for (const at::Tensor& t : inputs) record = record || t.requires_grad();
+    for (const at::Tensor& t : inputs) {
+      TORCH_CHECK(!t._fw_grad(/*level=*/0).defined(), Lib::ns, "::masked_cat: forward-mode AD (jvp) is not "
+                  "implemented for the op; pconv_cuda.masked_cat handles it (and torch.func) in torch operations");
+      record = record || t.requires_grad();
+    }
     if (!record || !at::GradMode::is_enabled()) {
       at::AutoDispatchBelowADInplaceOrView below;
       return op().call(inputs, mask, mask_groups);
