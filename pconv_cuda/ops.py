@@ -167,22 +167,25 @@ def masked_cat_as_torch_ops(inputs: Sequence[Tensor], mask: Tensor, mask_groups:
 
 
 def check_masked_cat_shapes(inputs: Sequence[Tensor], mask: Tensor, mask_groups: Optional[Sequence[int]]) -> None:
-    """masked_cat's shape checks for the traced forms (the op's own, csrc/common/arg_checks.cpp, run eagerly)."""
+    """masked_cat's shape checks for the traced forms (the op's own, csrc/common/arg_checks.cpp, run eagerly). The
+    messages are formed first: Dynamo takes only constants into a torch._check message."""
     op = "pconv_cuda::masked_cat"
-    torch._check(len(inputs) > 0, lambda: f"{op}: inputs must hold at least one tensor")
-    channels = sum(t.shape[1] for t in inputs)
-    torch._check(mask.dim() == inputs[0].dim(), lambda: f"{op}: mask must be {inputs[0].dim()}-D like the inputs")
-    torch._check(mask.shape[0] == 1 or mask.shape[0] == inputs[0].shape[0],
-                 lambda: f"{op}: mask batch size {mask.shape[0]} must be 1 or the inputs' batch size")
+    if len(inputs) == 0:
+        raise RuntimeError(f"{op}: inputs must hold at least one tensor")
+    channels, maps = sum(t.shape[1] for t in inputs), mask.shape[1]
+    dims = f"{op}: mask must be {inputs[0].dim()}-D like the inputs, got {mask.dim()}-D"
+    torch._check(mask.dim() == inputs[0].dim(), lambda: dims)
+    batch = f"{op}: mask batch size must be 1 or the inputs' batch size"
+    torch._check(mask.shape[0] == 1 or mask.shape[0] == inputs[0].shape[0], lambda: batch)
     if mask_groups is None:
-        torch._check(mask.shape[1] == 1 or mask.shape[1] == channels,
-                     lambda: f"{op}: mask must have 1 map (for every channel) or one per channel of the inputs "
-                             f"(C={channels}), got {mask.shape[1]}; or pass mask_groups for a mask of channel groups")
+        cover = (f"{op}: mask must have 1 map (for every channel) or one per channel of the inputs (C={channels}), "
+                 f"got {maps}; or pass mask_groups for a mask of channel groups")
+        torch._check(maps == 1 or maps == channels, lambda: cover)
     else:
-        torch._check(len(mask_groups) == mask.shape[1] and sum(mask_groups) == channels
-                     and all(c >= 1 for c in mask_groups),
-                     lambda: f"{op}: mask_groups={list(mask_groups)} must be positive counts, one per map of the "
-                             f"mask ({mask.shape[1]}), summing to the inputs' channels C={channels}")
+        cover = (f"{op}: mask_groups={list(mask_groups)} must be positive counts, one per map of the mask ({maps}), "
+                 f"summing to the inputs' channels C={channels}")
+        torch._check(len(mask_groups) == maps and sum(mask_groups) == channels and all(c >= 1 for c in mask_groups),
+                     lambda: cover)
 
 
 def _differentiable_grads(grad_output, conv_input, mask, weight, ratio, updated_mask, conv_args, output_mask,

@@ -388,3 +388,20 @@ def test_cudnn_fused_route_takes_the_masked_input(dtype, monkeypatch):
         assert torch.isfinite(got[0]).all()
         for a, e in zip(got[:3], want[:3]):
             torch.testing.assert_close(a, e, rtol=0, atol=0)  # the same X*M through the same graph
+
+
+def test_traced_form_checks_shapes_and_keeps_the_mask_gradient_free(main_backend):
+    # What torch.compile and torch.func run (ops.masked_cat_as_torch_ops): the op's shape errors, and no gradient
+    # for the mask, as the op.
+    from pconv_cuda import ops
+
+    device = main_backend.device
+    a, c = torch.randn(1, 2, 5, 5, device=device), torch.randn(1, 3, 5, 5, device=device)
+    m = (torch.rand(1, 2, 5, 5, device=device) > 0.3).float().requires_grad_()
+    with pytest.raises(RuntimeError, match="one per map of the mask"):
+        ops.masked_cat_as_torch_ops([a, c], m, (1, 3))
+    with pytest.raises(RuntimeError, match=r"1 map \(for every channel\) or one per channel"):
+        ops.masked_cat_as_torch_ops([a, c], m, None)
+    out = ops.masked_cat_as_torch_ops([a, c], m, (2, 3))
+    assert not out.requires_grad
+    torch.testing.assert_close(out, torch.ops.pconv_cuda.masked_cat([a, c], m.detach(), [2, 3]), rtol=0, atol=0)
