@@ -4,14 +4,15 @@
 # CUDNN_FRONTEND_INCLUDE pointing at a carried copy of its include/ folder on a machine without a package index);
 # runs the tests of the CUDA backends and of the cudnn_fused route; then the CUDA benchmarks, most wanted first: the
 # GPU time of each layer from CUDA-graph replays (bf16 and fp32-TF32 channels_last, 256 px batch 1 and 8, NVIDIA's
-# layer and the peer under torch.compile), the U-Net in bf16 channels_last on cudnn_fused, the eager per-layer fp32
+# layer and the peer under torch.compile), the U-Net in bf16 channels_last on cudnn_fused, the decoder layers with
+# grouped masks and with masked skip links (masked_cat + input_masked, bf16 channels_last), the eager per-layer fp32
 # table (aten_conv and gemm routes), the host overhead per call, the fp32 U-Net (eager and replayed from a CUDA
 # graph), 512 px layer_size 8 batch 8, eager bf16 (NCHW and channels_last), the 3-D layers. A stage gets at most the
 # time left; one that would get under 20 s is skipped and reported. Results go to $RESULTS (default docs/):
 # gpu_check.json (scripts/gpu_check_report.py: commit, versions, GPU, test counts per backend, each failure's id and
 # first error line, stage times, the benchmark medians), bench_cuda_graph_{bfloat16,float32}_cl.{json,md,png},
-# bench_model_cuda_bf16_cl_fused.json, bench_cuda_float32.{json,md,png}, overhead_cuda.json, bench_model_cuda.json,
-# bench_cuda_graph_512.{json,md}, bench_cuda_bfloat16{,_cl}.{json,md}, bench_cuda_3d.{json,md}, tests.log and the
+# bench_model_cuda_bf16_cl_fused.json, bench_cuda_graph_skip_bf16_cl.{json,md,png}, bench_cuda_float32.{json,md,png},
+# overhead_cuda.json, bench_model_cuda.json, bench_cuda_graph_512.{json,md}, bench_cuda_bfloat16{,_cl}.{json,md}, bench_cuda_3d.{json,md}, tests.log and the
 # raw gpu_check_{stages.tsv,outcomes.jsonl} (pack them into one archive where a lease returns few files).
 #   scripts/gpu_check.sh     PY (default .venv/bin/python, else python3: a machine whose torch is already there),
 #                            MAX_JOBS, CUDA_HOME, PCONV_BUILD_EMU (default 0 here: the emulation is CPU-tested),
@@ -149,6 +150,10 @@ benchmarks() {
         --batch 1 8 --masks single --channels-last --cuda-routes aten_conv cudnn_fused \
         --json "$RESULTS/bench_cuda_graph_float32_cl.json" --markdown "$RESULTS/bench_cuda_graph_float32_cl.md" \
         --plot "$RESULTS/bench_cuda_graph_float32_cl.png"
+    stage "bench GPU time skip links bfloat16" "${BENCH_LIMIT:-45}" "$PY" benchmarks/bench.py --devices cuda \
+        --gpu-time --batch 1 8 --masks groups skip --layers dec1,dec2,dec3,dec4,dec5,dec6,dec7 --dtype bfloat16 \
+        --channels-last --cuda-routes aten_conv cudnn_fused --json "$RESULTS/bench_cuda_graph_skip_bf16_cl.json" \
+        --markdown "$RESULTS/bench_cuda_graph_skip_bf16_cl.md" --plot "$RESULTS/bench_cuda_graph_skip_bf16_cl.png"
     stage "bench float32" "${BENCH_LIMIT:-60}" "$PY" benchmarks/bench.py --devices cuda --batch 1 8 \
         --json "$RESULTS/bench_cuda_float32.json" --markdown "$RESULTS/bench_cuda_float32.md" \
         --plot "$RESULTS/bench_cuda_float32.png"
