@@ -205,6 +205,23 @@ def test_composition_in_half_types(backend, deterministic, dtype):
             torch.testing.assert_close(a, e, msg=lambda m: f"result {i}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", ["same", torch.bool, torch.uint8])
+@pytest.mark.parametrize("n", [2, 0], ids=["batch2", "batch0"])
+def test_input_masked_takes_every_mask_dtype(backend, dtype, mask_dtype, n):
+    # With input_masked (and in an empty batch) the mask pass has no input to take its dtype from: it forms the
+    # plane alone, in the ratio's precision (float64 beside a float64 input), for bool and uint8 masks too.
+    inputs, maps, groups, full = _case((3, 4), (3, 4), "holes", device=backend.device, n=2)
+    x = torch.cat(inputs, 1).nan_to_num(0.0).mul(full)[:n].to(dtype)
+    maps = maps.to(dtype if mask_dtype == "same" else mask_dtype)
+    w = (torch.randn(4, 7, 3, 3, generator=torch.Generator().manual_seed(3)) * 0.3).to(backend.device, dtype)
+    got = _conv(backend, 2, x, maps[:n] if n else maps[:1], w, None, groups, True)
+    want = _conv(backend, 2, x, maps[:n] if n else maps[:1], w, None, groups)
+    assert got[0].dtype == dtype and got[0].shape == (n, 4, 9, 8)
+    for what, a, e in zip(("output", "updated_mask", "ratio"), got[:3], want[:3]):
+        assert torch.equal(a, e), what  # the same X*M, plane and ratio either way
+
+
 def test_input_masked_gradient_is_the_convolutions(backend):
     # The op alone with input_masked: its grad_input is not zeroed in the holes (the producer's backward does it),
     # and the weight gradient reads the input as given.

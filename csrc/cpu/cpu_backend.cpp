@@ -395,7 +395,7 @@ struct CpuPrimitives {
 
   bool mask_pass(const Tensor& mask, const Tensor& x, Tensor& xm, Tensor& plane, const MaskGroups& groups,
                  int64_t offset = 0) {
-    const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
+    const at::ScalarType x_dtype = mask_pass_dtype(x, mask, plane);
     bool valid = true;
     dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
       using acc_t = acc_type_t<x_t>;

@@ -82,7 +82,7 @@ struct CudaPrimitives {
     const MaskPassShape s{sweep ? x.size(0) : mask.size(0), sweep ? x.size(1) : mask.size(1),
                           plane_pixels(mask), mask.size(0), mask.size(1), cg, sweep ? xm.size(1) : 0};
     check_index_range("pixels per image", s.HW);
-    const at::ScalarType x_dtype = x.defined() ? x.scalar_type() : mask_only_dtype(mask.scalar_type());
+    const at::ScalarType x_dtype = mask_pass_dtype(x, mask, plane);
     dispatch_input_and_mask(x_dtype, mask.scalar_type(), [&]<typename x_t, typename mask_t>() {
       using acc_t = acc_type_t<x_t>;
       constexpr int W = 16 / sizeof(x_t);
