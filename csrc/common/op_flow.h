@@ -101,12 +101,11 @@ void dispatch_input_and_mask(at::ScalarType x, at::ScalarType m, Fn&& fn) {
 // The dtype the mask pass works in when there is no input (mask_update): a floating mask's own, else float32.
 inline at::ScalarType mask_only_dtype(at::ScalarType mask) { return at::isFloatingType(mask) ? mask : at::kFloat; }
 
-// The dtype a mask pass runs in: the swept input's; without one (the plane alone: input_masked, an empty batch) a
-// floating mask's own, else the plane's precision (float64 beside a float64 input, float32 otherwise).
+// The dtype a mask pass runs in: the swept input's; without one (the plane alone: input_masked, an empty batch) the
+// mask-only dtype, widened to float64 where the plane is (a bool/uint8 mask beside a float64 input).
 inline at::ScalarType mask_pass_dtype(const Tensor& x, const Tensor& mask, const Tensor& plane) {
   if (x.defined()) return x.scalar_type();
-  if (at::isFloatingType(mask.scalar_type())) return mask.scalar_type();
-  return plane.defined() && plane.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return plane.defined() && plane.scalar_type() == at::kDouble ? at::kDouble : mask_only_dtype(mask.scalar_type());
 }
 
 [[noreturn]] inline void fail_invalid_mask(const char* op, const Tensor& mask) {
